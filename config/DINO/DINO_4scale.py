@@ -1,0 +1,73 @@
+# DINO-4scale with a ResNet-50: the official hyper-parameters (state_dict compatible with the model zoo).
+_base_ = ["coco_transformer.py"]
+
+modelname = "dino"
+num_classes = 91
+
+# optimisation
+lr = 0.0001
+lr_backbone = 1e-05
+lr_backbone_names = ["backbone.0"]
+lr_linear_proj_names = ["reference_points", "sampling_offsets"]
+lr_linear_proj_mult = 0.1
+weight_decay = 0.0001
+batch_size = 2
+epochs = 12
+lr_scheduler = "step"  # step (lr_drop) | multistep (lr_drop_list) | onecycle
+lr_drop = 11
+lr_drop_list = [33, 45]
+clip_max_norm = 0.1
+use_ema = False
+ema_decay = 0.9997
+ema_epoch = 0
+
+# checkpoints
+save_checkpoint_interval = 1
+keep_checkpoints = 0  # numbered checkpoints to keep; 0 keeps all
+save_every_iters = 0  # also save checkpoint.pth every K iterations; 0 = only at epoch ends
+use_tensorboard = False
+
+# backbone
+backbone = "resnet50"  # resnet18/34/50/101 or timm:<model name>
+backbone_weights = None  # local torchvision-format state_dict; nothing is downloaded
+backbone_freeze_at = 2  # frozen stages: 0 none, 1 stem, 2 stem + layer1 (official), ...
+backbone_norm = "frozen_bn"  # frozen_bn | bn | gn
+return_interm_indices = [1, 2, 3]
+dilation = False
+
+# transformer
+position_embedding = "sine"
+pe_temperatureH = 20
+pe_temperatureW = 20
+hidden_dim = 256
+nheads = 8
+num_queries = 900
+enc_layers = 6
+dec_layers = 6
+dim_feedforward = 2048
+dropout = 0.0
+transformer_activation = "relu"
+num_feature_levels = 4
+enc_n_points = 4
+dec_n_points = 4
+
+# denoising
+use_dn = True
+dn_number = 100
+dn_box_noise_scale = 0.4
+dn_label_noise_ratio = 0.5
+dn_labelbook_size = 91
+
+# matcher and losses
+focal_alpha = 0.25
+set_cost_class = 2.0
+set_cost_bbox = 5.0
+set_cost_giou = 2.0
+cls_loss_coef = 1.0
+bbox_loss_coef = 5.0
+giou_loss_coef = 2.0
+interm_loss_coef = 1.0
+
+# post-processing
+num_select = 300
+nms_iou_threshold = -1

@@ -1,0 +1,89 @@
+"""DINO's losses: focal classification, L1 and GIoU boxes, for every decoder layer, the encoder and the DN queries."""
+from typing import Dict, List, Tuple
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
+
+from util import distributed as dist_utils
+
+LOSS_TERMS = ("loss_ce", "loss_bbox", "loss_giou")
+
+
+def build_weight_dict(cls_coef: float, bbox_coef: float, giou_coef: float, interm_coef: float,
+                      num_decoder_layers: int, use_dn: bool) -> Dict[str, float]:
+    base = {"loss_ce": cls_coef, "loss_bbox": bbox_coef, "loss_giou": giou_coef}
+    suffixes = [""] + [f"_{i}" for i in range(num_decoder_layers - 1)]
+    weights = {k + s: v for s in suffixes for k, v in base.items()}
+    if use_dn:
+        weights.update({k + "_dn" + s: v for s in suffixes for k, v in base.items()})
+    weights.update({k + "_interm": v * interm_coef for k, v in base.items()})
+    return weights
+
+
+class SetCriterion(nn.Module):
+    def __init__(self, num_classes: int, matcher: nn.Module, weight_dict: Dict[str, float], focal_alpha: float,
+                 num_decoder_layers: int):
+        super().__init__()
+        self.num_classes, self.matcher, self.weight_dict = num_classes, matcher, weight_dict
+        self.focal_alpha, self.num_decoder_layers = focal_alpha, num_decoder_layers
+
+    def single_output_losses(self, outputs: Dict[str, Tensor], targets: List[Dict[str, Tensor]],
+                             indices: List[Tuple[Tensor, Tensor]], num_boxes: float) -> Dict[str, Tensor]:
+        logits = outputs["pred_logits"]
+        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(logits.device)
+        src_idx = torch.cat([src for src, _ in indices]).to(logits.device)
+        target_classes = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+        onehot = torch.zeros_like(logits)
+        onehot[batch_idx, src_idx, target_classes] = 1.0
+        loss_ce = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=2.0, reduction="sum") / num_boxes
+        src_boxes = outputs["pred_boxes"][batch_idx, src_idx]
+        tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)])
+        loss_bbox = (src_boxes - tgt_boxes).abs().sum() / num_boxes
+        loss_giou = generalized_box_iou_loss(box_convert(src_boxes, "cxcywh", "xyxy"),
+                                             box_convert(tgt_boxes, "cxcywh", "xyxy"), reduction="sum") / num_boxes
+        return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
+
+    def _matched(self, outputs, targets, num_boxes, suffix: str) -> Dict[str, Tensor]:
+        losses = self.single_output_losses(outputs, targets, self.matcher(outputs, targets), num_boxes)
+        return {k + suffix: v for k, v in losses.items()}
+
+    @staticmethod
+    def dn_indices(targets: List[Dict[str, Tensor]], dn_meta: dict) -> List[Tuple[Tensor, Tensor]]:
+        """The positive query of group g for box j sits at g * 2 * max_boxes + j (see prepare_for_cdn)."""
+        group_size = dn_meta["pad_size"] // dn_meta["num_dn_group"]
+        offsets = torch.arange(dn_meta["num_dn_group"]) * group_size
+        indices = []
+        for t in targets:
+            j = torch.arange(len(t["labels"]))
+            indices.append(((offsets[:, None] + j).flatten(), j.repeat(dn_meta["num_dn_group"])))
+        return indices
+
+    def forward(self, outputs: Dict, targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
+        device = outputs["pred_logits"].device
+        num_boxes = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+        num_boxes = (dist_utils.all_reduce_sum(num_boxes) / dist_utils.get_world_size()).clamp(min=1).item()
+
+        layers = [outputs] + outputs.get("aux_outputs", [])
+        suffixes = [""] + [f"_{i}" for i in range(len(layers) - 1)]
+        losses = {}
+        for layer_out, suffix in zip(layers, suffixes):
+            losses.update(self._matched(layer_out, targets, num_boxes, suffix))
+        if "interm_outputs" in outputs:
+            losses.update(self._matched(outputs["interm_outputs"], targets, num_boxes, "_interm"))
+        if "dn_meta" in outputs:
+            dn_meta = outputs["dn_meta"]
+            known = dn_meta["output_known_lbs_bboxes"]
+            indices = self.dn_indices(targets, dn_meta)
+            dn_boxes = num_boxes * dn_meta["num_dn_group"]
+            for layer_out, suffix in zip([known] + known["aux_outputs"], suffixes):
+                losses.update({k + "_dn" + suffix: v for k, v in
+                               self.single_output_losses(layer_out, targets, indices, dn_boxes).items()})
+        elif any(k.endswith("_dn") for k in self.weight_dict):
+            # No DN this step (no boxes): zeros keep the logged keys identical on every step and rank.
+            zero = outputs["pred_logits"].sum() * 0.0
+            losses.update({k + "_dn" + s: zero for s in suffixes for k in LOSS_TERMS})
+        return losses
+
+    def total_loss(self, losses: Dict[str, Tensor]) -> Tensor:
+        return sum(losses[k] * w for k, w in self.weight_dict.items() if k in losses)

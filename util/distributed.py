@@ -1,0 +1,94 @@
+"""The one place that knows about processes: initialisation (torchrun, SLURM, submitit) and small collectives."""
+import logging
+import os
+import subprocess
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("dino.distributed")
+
+
+def is_dist_avail_and_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_dist_avail_and_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if is_dist_avail_and_initialized():
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def all_gather_object(obj) -> list:
+    if not is_dist_avail_and_initialized():
+        return [obj]
+    gathered = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def reduce_dict(values: dict, average: bool = True) -> dict:
+    """Sum (or average) a dict of scalar tensors over ranks, in a fixed key order."""
+    world_size = get_world_size()
+    if world_size < 2:
+        return values
+    keys = sorted(values)
+    stacked = all_reduce_sum(torch.stack([values[k].detach().float() for k in keys]))
+    if average:
+        stacked = stacked / world_size
+    return dict(zip(keys, stacked))
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    return subprocess.check_output(["scontrol", "show", "hostnames", nodelist], text=True).split()[0]
+
+
+def _environment_ranks():
+    """(rank, world_size, local_rank) from torchrun or SLURM, or None for a single process."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        os.environ.setdefault("MASTER_ADDR", _first_slurm_host(os.environ["SLURM_JOB_NODELIST"]))
+        os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 10000))
+        return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]), int(os.environ["SLURM_LOCALID"])
+    return None
+
+
+def init_distributed_mode(args) -> None:
+    """Sets args.distributed, args.rank, args.world_size, args.gpu and joins the process group if needed."""
+    ranks = _environment_ranks()
+    if ranks is None:
+        args.distributed, args.rank, args.world_size, args.gpu = False, 0, 1, None
+        return
+    args.rank, args.world_size, args.gpu = ranks
+    args.distributed = args.world_size > 1
+    if not args.distributed:
+        return
+    use_cuda = str(args.device).startswith("cuda") and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(args.gpu)
+        args.device = f"cuda:{args.gpu}"
+    args.dist_backend = "nccl" if use_cuda else "gloo"
+    dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
+                            world_size=args.world_size, rank=args.rank)
+    logger.info("distributed init: rank %d of %d (local %d), backend %s", args.rank, args.world_size,
+                args.gpu, args.dist_backend)
+    barrier()
