@@ -45,7 +45,7 @@ class DINO(nn.Module):
 
     @staticmethod
     def _input_projections(in_channels: List[int], hidden: int, num_levels: int) -> nn.ModuleList:
-        groups = math.gcd(32, hidden)
+        groups = math.gcd(32, hidden // 2)  # 32 as official for 256; always >= 2 channels per group
         projections = [nn.Sequential(nn.Conv2d(c, hidden, 1), nn.GroupNorm(groups, hidden)) for c in in_channels]
         channels = in_channels[-1]
         for _ in range(num_levels - len(in_channels)):
