@@ -276,3 +276,95 @@ def restore_rng_state(state: Dict[str, object]):
                        "first %d", len(cuda_states), available, min(len(cuda_states), available))
     for index, cuda_state in enumerate(cuda_states[:available]):
         torch.cuda.set_rng_state(cuda_state.cpu(), index)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training checkpoints and resume decisions (used by main.py, engine hooks and the SLURM launcher)
+
+FORMAT_VERSION = 1
+LATEST = 'checkpoint.pth'
+_NUMBERED = re.compile(r'checkpoint(\d{4})\.pth$')
+
+# Changing one of these makes the checkpoint's weights meaningless for the new model.
+ARCHITECTURE_KEYS = ('modelname', 'backbone', 'backbone_norm', 'return_interm_indices', 'dilation', 'hidden_dim',
+                     'nheads', 'num_queries', 'enc_layers', 'dec_layers', 'dim_feedforward',
+                     'transformer_activation', 'num_feature_levels', 'enc_n_points', 'dec_n_points', 'num_classes',
+                     'dn_labelbook_size')
+# Changing one of these is allowed on resume but worth a line in the log.
+HYPERPARAMETER_KEYS = ('lr', 'lr_backbone', 'weight_decay', 'batch_size', 'lr_scheduler', 'lr_drop', 'lr_drop_list',
+                       'clip_max_norm', 'epochs', 'use_ema', 'ema_decay', 'amp', 'seed', 'dataset_file', 'coco_path')
+
+
+def plain_args(args) -> dict:
+    """args as plain JSON-like values, so checkpoints never pickle a Namespace."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, tuple, dict, type(None)))}
+
+
+def resolve_resume(resume: str, output_dir: str, auto_resume: bool) -> Tuple[str, dict, str]:
+    """Pick the checkpoint to resume from: (path, checkpoint, how) or ('', {}, reason).
+
+    An explicit --resume always wins and a broken one is fatal. Auto-resume reads output_dir/checkpoint.pth
+    and, if it is damaged, falls back to the newest intact checkpoint*.pth there, saying so.
+    """
+    if resume:
+        return resume, load_checkpoint(resume), 'explicit --resume'
+    latest = os.path.join(output_dir, LATEST) if output_dir else ''
+    if not auto_resume or not latest or not os.path.exists(latest):
+        return '', {}, 'starting from scratch' if auto_resume else 'auto-resume disabled'
+    candidates = [latest] + sorted((os.path.join(output_dir, f) for f in os.listdir(output_dir) if _NUMBERED.match(f)),
+                                   key=os.path.getmtime, reverse=True)
+    for path in candidates:
+        try:
+            checkpoint = load_checkpoint(path)
+        except CheckpointError as e:
+            logger.warning("auto-resume: %s", e)
+            continue
+        how = 'auto-resume' if path == latest else f'auto-resume fell back to {os.path.basename(path)}, ' \
+                                                   f'the newest intact checkpoint'
+        return path, checkpoint, how
+    raise CheckpointError(f"every checkpoint in {output_dir} is damaged; move them away to start from scratch, "
+                          "or pass --no_auto_resume")
+
+
+def architecture_differences(saved: dict, current: dict) -> List[str]:
+    return [f"{k}: checkpoint {saved[k]!r} vs now {current.get(k)!r}" for k in ARCHITECTURE_KEYS
+            if k in saved and saved[k] != current.get(k)]
+
+
+def hyperparameter_changes(saved: dict, current: dict) -> List[str]:
+    return [f"{k}: {saved[k]!r} -> {current.get(k)!r}" for k in HYPERPARAMETER_KEYS
+            if k in saved and saved[k] != current.get(k)]
+
+
+def training_state(model, optimizer, lr_scheduler, scaler, ema, *, epoch: int, iteration: int, iterations: int,
+                   args, best: dict, meters: dict, rng_states: list) -> dict:
+    """Everything needed to continue exactly. `epoch` is the last completed epoch (DINO's convention) and
+    `iteration` the steps already done in epoch + 1 (0 at an epoch boundary)."""
+    state = {
+        'model': model.state_dict(),
+        'optimizer': optimizer.state_dict(),
+        'lr_scheduler': lr_scheduler.state_dict(),
+        'epoch': epoch,
+        'iteration': iteration,
+        'iterations_per_epoch': iterations,
+        'args': plain_args(args),
+        'best': dict(best),
+        'meters': meters,
+        'rng': rng_states,
+        'format_version': FORMAT_VERSION,
+        'torch_version': str(torch.__version__),
+    }
+    if scaler is not None:
+        state['scaler'] = scaler.state_dict()
+    if ema is not None:
+        state['ema_model'] = ema.state_dict()
+    return state
+
+
+def save_numbered(state: dict, output_dir: str, epoch: int, keep: int) -> None:
+    """checkpoint{epoch:04d}.pth, then drop the oldest numbered ones beyond `keep` (0 keeps all)."""
+    atomic_save(state, os.path.join(output_dir, f'checkpoint{epoch:04d}.pth'))
+    if keep > 0:
+        numbered = sorted(f for f in os.listdir(output_dir) if _NUMBERED.match(f))
+        for name in numbered[:-keep]:
+            os.remove(os.path.join(output_dir, name))

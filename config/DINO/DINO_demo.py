@@ -1,0 +1,33 @@
+# A tiny DINO that learns the generated shapes dataset on a 2-core CPU in minutes (README's demo command).
+_base_ = ["DINO_4scale.py"]
+
+cli_defaults = {"dataset_file": "synthetic", "coco_path": "data/synthetic", "num_workers": 1}
+
+num_classes = 5  # the 4 shape categories have ids 1..4 (DINO convention: max id + 1)
+dn_labelbook_size = 5
+
+data_aug_scales = [128]
+data_aug_max_size = 128
+data_aug_scales2_resize = None
+data_aug_val_size = 128
+
+backbone = "resnet18"
+backbone_norm = "bn"  # trainable BN and stem: training from scratch, no pretrained weights
+backbone_freeze_at = 0
+lr_backbone_names = ["backbone.0"]
+
+hidden_dim = 128
+nheads = 8
+dim_feedforward = 512
+enc_layers = 2
+dec_layers = 2
+num_queries = 100
+dn_number = 50
+num_select = 100
+
+batch_size = 4
+epochs = 4
+lr = 0.0002
+lr_backbone = 0.0002
+lr_scheduler = "step"
+lr_drop = 3

@@ -1,0 +1,18 @@
+"""Dataset construction: COCO-layout folders (real or generated) with DINO's augmentation."""
+from torch.utils.data import Subset
+
+from .coco import build as build_coco
+
+
+def build_dataset(image_set: str, args):
+    """image_set is 'train' or 'val'; args.dataset_file picks 'coco' or 'synthetic'."""
+    if args.dataset_file in ("coco", "synthetic"):
+        return build_coco(image_set, args)
+    raise ValueError(f"unknown dataset_file {args.dataset_file!r}: expected 'coco' or 'synthetic'")
+
+
+def get_coco_api_from_dataset(dataset):
+    """The pycocotools COCO object holding the ground truth, looking through Subset wrappers."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset.coco

@@ -1,0 +1,110 @@
+"""COCO-format detection datasets: any image folder with an instances JSON, or the generated synthetic set.
+
+Indexing with (epoch, index) seeds the augmentation with random.Random(f"{seed}-{epoch}-{index}"), so what a
+sample looks like depends only on those three numbers: not on worker processes, nor on where a run resumed.
+"""
+import contextlib
+import io
+import logging
+import math
+import os
+import random
+
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+
+from .synthetic import ensure_synthetic_coco
+from .transforms import make_coco_transforms
+
+logger = logging.getLogger("dino.datasets")
+
+
+def _valid_box(bbox) -> bool:
+    return (isinstance(bbox, (list, tuple)) and len(bbox) == 4
+            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox) and bbox[2] > 0 and bbox[3] > 0)
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """Images with their non-crowd boxes as (image, target) pairs, DETR's target layout.
+
+    Labels are the COCO category ids as they are (DINO's convention: num_classes = max id + 1), or with
+    contiguous_category_ids the ids in sorted order mapped to 0..K-1; label_to_category_id maps them back
+    (None when labels are the ids themselves).
+    """
+
+    def __init__(self, img_folder, ann_file, transforms, seed: int, contiguous_category_ids: bool = False):
+        if not os.path.isfile(ann_file):
+            raise FileNotFoundError(f"annotation file {ann_file} not found: --coco_path should contain "
+                                    "annotations/instances_{train,val}2017.json (or set train_ann_file / val_ann_file)")
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.coco = COCO(ann_file)
+        self.img_folder, self.ann_file = str(img_folder), str(ann_file)
+        self.transforms, self.seed = transforms, seed
+        self.ids = sorted(self.coco.imgs)
+        if contiguous_category_ids:
+            self.label_to_category_id = sorted(self.coco.cats)
+            category_to_label = {c: i for i, c in enumerate(self.label_to_category_id)}
+        else:
+            self.label_to_category_id = None
+            category_to_label = {c: c for c in self.coco.cats}
+        self._objects = {}  # image id -> [(xyxy box, label)], crowds and malformed boxes left out
+        dropped = []
+        for image_id in self.ids:
+            info = self.coco.imgs[image_id]
+            objects = []
+            for ann in self.coco.imgToAnns[image_id]:
+                if ann.get("iscrowd", 0):
+                    continue
+                if not _valid_box(ann.get("bbox")) or ann.get("category_id") not in category_to_label:
+                    dropped.append(ann.get("id"))
+                    continue
+                x, y, w, h = ann["bbox"]
+                x0, y0 = min(max(x, 0), info["width"]), min(max(y, 0), info["height"])
+                x1, y1 = min(max(x + w, 0), info["width"]), min(max(y + h, 0), info["height"])
+                if x1 <= x0 or y1 <= y0:  # entirely outside the image
+                    dropped.append(ann.get("id"))
+                    continue
+                objects.append(([x0, y0, x1, y1], category_to_label[ann["category_id"]]))
+            self._objects[image_id] = objects
+        if dropped:
+            logger.warning("%s: dropped %d malformed boxes (not 4 numbers, width or height <= 0, outside the image "
+                           "or an unknown category), e.g. annotation id %s", ann_file, len(dropped), dropped[0])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        image_id = self.ids[index]
+        path = os.path.join(self.img_folder, self.coco.imgs[image_id]["file_name"])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"image {path} (listed in {self.ann_file}) not found")
+        image = Image.open(path).convert("RGB")
+        w, h = image.size
+        objects = self._objects[image_id]
+        boxes = torch.tensor([box for box, _ in objects], dtype=torch.float32).reshape(-1, 4)
+        target = {
+            "boxes": boxes,
+            "labels": torch.tensor([label for _, label in objects], dtype=torch.int64),
+            "image_id": torch.tensor(image_id, dtype=torch.int64),
+            "area": (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
+            "iscrowd": torch.zeros(len(objects), dtype=torch.int64),
+            "orig_size": torch.tensor([h, w]),
+            "size": torch.tensor([h, w]),
+        }
+        if self.transforms is not None:
+            image, target = self.transforms(image, target, random.Random(f"{self.seed}-{epoch}-{index}"))
+        return image, target
+
+
+def build(image_set: str, args) -> CocoDetection:
+    """The train or val split under args.coco_path, unless {image_set}_img_folder / _ann_file name other paths."""
+    if args.dataset_file == "synthetic":
+        ensure_synthetic_coco(args.coco_path, args.synthetic_num_train, args.synthetic_num_val,
+                              args.synthetic_image_size, seed=0)
+    img_folder = getattr(args, f"{image_set}_img_folder") or os.path.join(args.coco_path, f"{image_set}2017")
+    ann_file = getattr(args, f"{image_set}_ann_file") or os.path.join(
+        args.coco_path, "annotations", f"instances_{image_set}2017.json")
+    return CocoDetection(img_folder, ann_file, make_coco_transforms(image_set, args), seed=args.seed,
+                         contiguous_category_ids=args.contiguous_category_ids)

@@ -1,0 +1,153 @@
+"""One training epoch and one evaluation pass. Resumable: an epoch can start at any iteration."""
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Callable, Dict, Iterable, Optional
+
+import torch
+from tqdm import tqdm
+
+from datasets.coco_eval import CocoEvaluator
+from util import distributed as dist_utils
+
+logger = logging.getLogger("dino.engine")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/inf loss; the message names the terms."""
+
+
+class Meters:
+    """Running sums of logged scalars; plain floats so they go into a checkpoint and resume exactly."""
+
+    def __init__(self, state: Optional[Dict[str, list]] = None):
+        self.totals = {k: list(v) for k, v in (state or {}).items()}
+
+    def update(self, **values: float) -> None:
+        for k, v in values.items():
+            total = self.totals.setdefault(k, [0.0, 0])
+            total[0] += float(v)
+            total[1] += 1
+
+    def averages(self) -> Dict[str, float]:
+        return {k: s / n for k, (s, n) in self.totals.items() if n}
+
+    def state(self) -> Dict[str, list]:
+        return {k: list(v) for k, v in self.totals.items()}
+
+
+def progress(iterable: Iterable, total: int, initial: int, desc: str):
+    """A tqdm bar on a terminal; on a pipe or a log file, a plain line every ~10% instead."""
+    interactive = sys.stderr.isatty() and dist_utils.is_main_process()
+    return tqdm(iterable, total=total, initial=initial, desc=desc, dynamic_ncols=True, disable=not interactive,
+                leave=False)
+
+
+def _log_line(desc: str, it: int, total: int, started: float, done: int, meters: Meters, lr: float) -> None:
+    elapsed = time.time() - started
+    eta = elapsed / max(done, 1) * (total - it)
+    avg = meters.averages()
+    logger.info("%s [%d/%d] loss %.4f lr %.2e eta %s", desc, it, total, avg.get("loss", float("nan")), lr,
+                time.strftime("%H:%M:%S", time.gmtime(eta)))
+
+
+def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int, *, max_norm: float = 0.0,
+                    scaler: Optional[torch.amp.GradScaler] = None, amp: bool = False, ema=None,
+                    iteration_scheduler=None, start_iter: int = 0, meters: Optional[Meters] = None,
+                    after_iteration: Optional[Callable[[int, Meters], None]] = None,
+                    max_iters: Optional[int] = None, log_progress: bool = False) -> Dict[str, float]:
+    """Trains from iteration `start_iter` (the loader must already skip the done batches) to the epoch's end.
+
+    `after_iteration(iterations_done, meters)` runs after every optimizer step: the checkpoint hooks live there.
+    """
+    model.train()
+    criterion.train()
+    meters = meters or Meters()
+    total = len(data_loader) if max_iters is None else min(max_iters, len(data_loader))
+    desc = f"Epoch {epoch}"
+    started, log_every = time.time(), max(1, total // 10)
+    bar = progress(data_loader, total, start_iter, desc)
+    it = start_iter
+    for samples, targets in bar:
+        if it >= total:
+            break
+        samples = samples.to(device, non_blocking=True)
+        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+        with torch.autocast(device_type=torch.device(device).type, enabled=amp):
+            outputs = model(samples, targets)
+            loss_dict = criterion(outputs, targets)
+            loss = criterion.total_loss(loss_dict)
+        reduced = dist_utils.reduce_dict({k: v.detach() for k, v in loss_dict.items()})
+        weighted = {k: v * criterion.weight_dict[k] for k, v in reduced.items() if k in criterion.weight_dict}
+        loss_value = float(sum(weighted.values()))
+        if not math.isfinite(loss_value):
+            bad = sorted(k for k, v in reduced.items() if not torch.isfinite(v))
+            raise NonFiniteLossError(f"loss is {loss_value} at epoch {epoch} iteration {it}; non-finite terms: "
+                                     f"{', '.join(bad) or 'none individually (their sum overflowed)'}")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        if iteration_scheduler is not None:
+            iteration_scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
+
+        lr = optimizer.param_groups[0]["lr"]
+        meters.update(loss=loss_value, lr=lr, **{k: float(v) for k, v in weighted.items()})
+        it += 1
+        if (bar.disable or log_progress) and (it % log_every == 0 or it == total) and dist_utils.is_main_process():
+            _log_line(desc, it, total, started, it - start_iter, meters, lr)
+        else:
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}")
+        if after_iteration is not None:
+            after_iteration(it, meters)
+    bar.close()
+    return meters.averages()
+
+
+@torch.no_grad()
+def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, *, amp: bool = False,
+             label_to_category_id=None, results_file: Optional[str] = None, max_iters: Optional[int] = None):
+    """COCO bbox evaluation over the whole (possibly sharded) loader; returns (stats dict, evaluator)."""
+    model.eval()
+    criterion.eval()
+    meters = Meters()
+    evaluator = CocoEvaluator(base_ds, label_to_category_id)
+    total = len(data_loader) if max_iters is None else min(max_iters, len(data_loader))
+    started = time.time()
+    for i, (samples, targets) in enumerate(progress(data_loader, total, 0, "Eval")):
+        if i >= total:
+            break
+        samples = samples.to(device)
+        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        with torch.autocast(device_type=torch.device(device).type, enabled=amp):
+            outputs = model(samples)
+            loss_dict = criterion(outputs, targets)
+        reduced = dist_utils.reduce_dict(loss_dict)
+        weighted = {k: v * criterion.weight_dict[k] for k, v in reduced.items() if k in criterion.weight_dict}
+        meters.update(loss=float(sum(weighted.values())), **{k: float(v) for k, v in weighted.items()})
+        orig_sizes = torch.stack([t["orig_size"] for t in targets])
+        results = postprocessors["bbox"](outputs, orig_sizes)
+        evaluator.update({int(t["image_id"]): r for t, r in zip(targets, results)})
+    evaluator.synchronize_between_processes()
+    logger.info("Evaluated %d batches in %.1f s", total, time.time() - started)
+    if results_file and dist_utils.is_main_process():
+        evaluator.write_results(results_file)
+    evaluator.accumulate()
+    evaluator.summarize()
+    stats = meters.averages()
+    stats["coco_eval_bbox"] = list(evaluator.stats)
+    return stats, evaluator
