@@ -110,15 +110,15 @@ def _optimizer(model, args):
 
 
 def _scheduler(optimizer, args, iterations_per_epoch: int):
-    """(scheduler, stepped per iteration?)"""
+    """Stepped once per epoch, except onecycle: once per iteration."""
     if args.lr_scheduler == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop), False
+        return torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
     if args.lr_scheduler == "multistep":
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_drop_list), False
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_drop_list)
     if args.lr_scheduler == "onecycle":
         max_lr = [args.lr, args.lr_backbone]
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, epochs=args.epochs,
-                                                   steps_per_epoch=iterations_per_epoch, pct_start=0.2), True
+                                                   steps_per_epoch=iterations_per_epoch, pct_start=0.2)
     raise ValueError(f"lr_scheduler must be step, multistep or onecycle; got {args.lr_scheduler!r}")
 
 
@@ -137,6 +137,13 @@ def _loaders(args, dataset_train, dataset_val):
     return train_sampler, train_loader, val_loader
 
 
+def _check_num_classes(coco, label_map, args) -> None:
+    largest = len(label_map) - 1 if label_map else max(coco.getCatIds(), default=0)
+    if largest >= args.num_classes:
+        raise ValueError(f"the dataset has labels up to {largest} but num_classes is {args.num_classes}: set "
+                         f"num_classes={largest + 1} (and dn_labelbook_size >= it), or contiguous_category_ids=True")
+
+
 def _write_header(args, model) -> None:
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("command: %s", " ".join([sys.executable] + sys.argv))
@@ -150,12 +157,13 @@ def _write_header(args, model) -> None:
     args.n_parameters = n_params
 
 
-def _restore_full_state(checkpoint, path, how, model, optimizer, scheduler, scaler, ema, args, iterations):
-    """Continue a run exactly: returns (start_epoch, start_iter, best, meters)."""
+def _restore_full_state(checkpoint, path, how, model, optimizer, scaler, ema, args, iterations):
+    """Continue a run exactly: returns (start_epoch, start_iter, best, meters, scheduler steps done)."""
     saved_args = checkpoint.get("args") or {}
     model.load_state_dict(ckpt.strip_module_prefix(checkpoint["model"]), strict=True)
     optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["lr_scheduler"])
+    _apply_configured_lrs(optimizer, args)
+    scheduler_steps = checkpoint["lr_scheduler"]["last_epoch"]
     if scaler is not None and "scaler" in checkpoint:
         scaler.load_state_dict(checkpoint["scaler"])
     if ema is not None:
@@ -186,15 +194,21 @@ def _restore_full_state(checkpoint, path, how, model, optimizer, scheduler, scal
     if args.start_epoch is not None and args.start_epoch != start_epoch:
         logger.info("  --start_epoch %d overrides the checkpoint's epoch %d", args.start_epoch, start_epoch)
         start_epoch, start_iter, meters = args.start_epoch, 0, {}
-        _position_scheduler(optimizer, scheduler, start_epoch * (iterations if args.lr_scheduler == "onecycle" else 1))
-    return start_epoch, start_iter, checkpoint.get("best") or {}, meters
+        scheduler_steps = start_epoch * (iterations if args.lr_scheduler == "onecycle" else 1)
+    return start_epoch, start_iter, checkpoint.get("best") or {}, meters, scheduler_steps
 
 
-def _position_scheduler(optimizer, scheduler, steps: int) -> None:
-    """Put the lr schedule where an uninterrupted run would be after `steps` scheduler steps."""
-    for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"]
-    scheduler.last_epoch = 0
+def _apply_configured_lrs(optimizer, args) -> None:
+    """A loaded optimizer carries the old run's lr and weight decay; the current config's win (and are
+    logged as changed), so changing lr on resume is never silently ignored."""
+    for group, lr in zip(optimizer.param_groups, (args.lr, args.lr_backbone)):
+        group["lr"] = group["initial_lr"] = lr
+        group["weight_decay"] = args.weight_decay
+
+
+def _position_scheduler(scheduler, steps: int) -> None:
+    """Put a fresh schedule where an uninterrupted run would be after `steps` steps: the same float
+    operations in the same order, so the lr is bit-identical."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "scheduler.step() before optimizer.step()": intended
         for _ in range(steps):
@@ -252,13 +266,13 @@ def main(args) -> int:
     dataset_train = None if args.eval else build_dataset("train", args)
     base_ds = get_coco_api_from_dataset(dataset_val)
     label_map = getattr(dataset_val, "label_to_category_id", None)
+    _check_num_classes(base_ds, label_map, args)
     if args.eval:
         dataset_train = dataset_val
     train_sampler, train_loader, val_loader = _loaders(args, dataset_train, dataset_val)
     iterations = len(train_loader)
     max_iters = 10 if args.debug else None
     optimizer = _optimizer(model, args)
-    scheduler, per_iteration = _scheduler(optimizer, args, iterations)
     scaler = torch.amp.GradScaler("cuda") if args.amp and device.type == "cuda" else None
     amp = scaler is not None
     ema = None
@@ -269,6 +283,8 @@ def main(args) -> int:
     path, checkpoint, how = ckpt.resolve_resume(args.resume, args.output_dir,
                                                 auto_resume=not args.no_auto_resume and not args.eval)
     start_epoch, start_iter, best, saved_meters = args.start_epoch or 0, 0, {}, {}
+    per_iteration = args.lr_scheduler == "onecycle"
+    scheduler_steps = start_epoch * (iterations if per_iteration else 1)
     if args.eval:
         source = path or args.pretrain_model_path
         if not source:
@@ -282,16 +298,16 @@ def main(args) -> int:
         if diffs:
             raise ValueError(f"{path} was trained with a different architecture:\n  " + "\n  ".join(diffs) +
                              "\nuse --pretrain_model_path (or --resume with --finetune_ignore) to fine-tune from it")
-        start_epoch, start_iter, best, saved_meters = _restore_full_state(
-            checkpoint, path, how, model, optimizer, scheduler, scaler, ema, args, iterations)
+        start_epoch, start_iter, best, saved_meters, scheduler_steps = _restore_full_state(
+            checkpoint, path, how, model, optimizer, scaler, ema, args, iterations)
     elif args.pretrain_model_path:
         _load_weights(model, args.pretrain_model_path, ckpt.load_checkpoint(args.pretrain_model_path),
                       args.finetune_ignore, "--pretrain_model_path")
     else:
         logger.info("Training from scratch (%s)", how)
-    if not path and args.start_epoch:
-        _position_scheduler(optimizer, scheduler, args.start_epoch * (iterations if per_iteration else 1))
     del checkpoint
+    scheduler = _scheduler(optimizer, args, iterations)  # built now, so the current config's schedule wins
+    _position_scheduler(scheduler, scheduler_steps)
 
     model_without_ddp = model
     if args.distributed:

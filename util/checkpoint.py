@@ -297,7 +297,8 @@ HYPERPARAMETER_KEYS = ('lr', 'lr_backbone', 'weight_decay', 'batch_size', 'lr_sc
 
 def plain_args(args) -> dict:
     """args as plain JSON-like values, so checkpoints never pickle a Namespace."""
-    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, tuple, dict, type(None)))}
+    return {k: v for k, v in vars(args).items()
+            if k != 'config' and isinstance(v, (int, float, str, bool, list, tuple, dict, type(None)))}
 
 
 def resolve_resume(resume: str, output_dir: str, auto_resume: bool) -> Tuple[str, dict, str]:

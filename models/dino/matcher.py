@@ -36,8 +36,8 @@ class HungarianMatcher(nn.Module):
                 + self.cost_bbox * torch.cdist(out_bbox, tgt_bbox, p=1)
                 - self.cost_giou * generalized_box_iou(box_convert(out_bbox, "cxcywh", "xyxy"),
                                                        box_convert(tgt_bbox, "cxcywh", "xyxy")))
-        cost = cost.view(bs, num_queries, -1).cpu()
-        if not torch.isfinite(cost).all():
-            raise FloatingPointError("the matching cost is not finite: the model predicts NaN/inf boxes or logits")
+        # NaN/inf predictions still get a (meaningless) assignment so the loss, which the engine checks and
+        # reports term by term, becomes non-finite instead of scipy failing with an opaque error.
+        cost = cost.view(bs, num_queries, -1).nan_to_num(nan=1e8, posinf=1e8, neginf=-1e8).cpu()
         indices = [linear_sum_assignment(c[i]) for i, c in enumerate(cost.split(sizes, -1))]
         return [(torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)) for i, j in indices]

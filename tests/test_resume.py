@@ -1,0 +1,94 @@
+"""Interruptions are a non-event: bit-exact resume at epoch ends and mid-epoch, and clear stops."""
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from runner import ROOT, TINY_OPTIONS, read_log, run_main
+
+
+def _state(path):
+    checkpoint = torch.load(path, weights_only=True)
+    return checkpoint["model"], checkpoint["optimizer"]["state"]
+
+
+def assert_same_training(ref_dir, other_dir):
+    ref_model, ref_opt = _state(ref_dir / "checkpoint.pth")
+    model, opt = _state(other_dir / "checkpoint.pth")
+    assert ref_model.keys() == model.keys()
+    assert all(torch.equal(ref_model[k], model[k]) for k in ref_model)
+    assert all(torch.equal(ref_opt[i][k], opt[i][k]) for i in ref_opt for k in ref_opt[i])
+    train = lambda log: [{k: v for k, v in e.items() if k.startswith("train_")} for e in log]  # noqa: E731
+    assert train(read_log(ref_dir)) == train(read_log(other_dir))
+    assert [e["test_coco_eval_bbox"] for e in read_log(ref_dir)] == [e["test_coco_eval_bbox"] for e in read_log(other_dir)]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tmp_path_factory.mktemp("data") / "synthetic"
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    run_main(data, out)
+    return out
+
+
+def _popen(data, out, *extra, options=(), workers=0):
+    cmd = [sys.executable, str(ROOT / "main.py"), "-c", "config/DINO/DINO_demo.py", "--coco_path", str(data),
+           "--output_dir", str(out), "--num_workers", str(workers), "--save_log", *extra,
+           "--options", *TINY_OPTIONS, *options]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+
+
+def _wait_for_line(proc, needle, timeout=120):
+    lines, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        lines.append(line)
+        if needle in line:
+            return "".join(lines)
+    raise AssertionError(f"never saw {needle!r}:\n{''.join(lines)[-3000:]}")
+
+
+def test_resume_at_an_epoch_boundary_also_extends_epochs(data, reference, tmp_path):
+    run_main(data, tmp_path, options=["epochs=1"])
+    proc = run_main(data, tmp_path)  # same output_dir: auto-resume, now to 2 epochs
+    assert "Resuming training from" in proc.stdout and "epoch 1, iteration 0 of 8, to 2 total epochs" in proc.stdout
+    assert "epochs: 1 -> 2" in proc.stdout
+    assert_same_training(reference, tmp_path)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigterm_mid_epoch_saves_and_resumes_bit_exactly(data, reference, tmp_path, workers):
+    proc = _popen(data, tmp_path, workers=workers)
+    _wait_for_line(proc, "Epoch 1 [3/8]")
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 3, rest
+    assert "rerun the same command to resume" in rest
+    saved = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert saved["epoch"] == 0 and 3 <= saved["iteration"] < 8
+    resumed = run_main(data, tmp_path, "--num_workers", str(workers))
+    assert f"epoch 1, iteration {saved['iteration']} of 8" in resumed.stdout
+    assert [e["epoch"] for e in read_log(tmp_path)] == [0, 1]
+    assert_same_training(reference, tmp_path)
+
+
+def test_kill_9_after_a_periodic_save_resumes_bit_exactly(data, reference, tmp_path):
+    proc = _popen(data, tmp_path, options=["save_every_iters=3"])
+    _wait_for_line(proc, "Epoch 0 [4/8]")  # the save at iteration 3 is complete
+    proc.kill()
+    proc.wait()
+    saved = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert saved["epoch"] == -1 and saved["iteration"] in (3, 6)
+    resumed = run_main(data, tmp_path, options=["save_every_iters=3"])
+    assert f"epoch 0, iteration {saved['iteration']} of 8" in resumed.stdout
+    assert_same_training(reference, tmp_path)

@@ -1,0 +1,71 @@
+"""Look inside a checkpoint without training: where it stopped, its best AP, what differs from a config.
+
+    python tools/inspect_checkpoint.py runs/demo/checkpoint.pth [-c config/DINO/DINO_demo.py]
+    python tools/inspect_checkpoint.py CKPT --strip weights.pth            # model weights only
+    python tools/inspect_checkpoint.py CKPT --safetensors model.safetensors
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from util.checkpoint import (CheckpointError, architecture_differences, atomic_save, hyperparameter_changes,  # noqa: E402
+                             load_checkpoint, strip_module_prefix)
+from util.config import load_config  # noqa: E402
+
+
+def describe(checkpoint: dict) -> list:
+    model = checkpoint["model"]
+    unique = {v.data_ptr(): v for v in model.values() if hasattr(v, "data_ptr")}
+    epoch, iteration = checkpoint.get("epoch"), checkpoint.get("iteration", 0)
+    where = "no training state (weights only)" if epoch is None else (
+        f"epoch {epoch} completed" if not iteration else f"epoch {epoch + 1}, {iteration} iterations done")
+    lines = [f"position:       {where}",
+             f"format:         version {checkpoint.get('format_version', 'official/unknown')}, "
+             f"torch {checkpoint.get('torch_version', '?')}",
+             f"model:          {len(model)} keys, {sum(v.numel() for v in unique.values()):,} values",
+             f"contents:       {', '.join(sorted(checkpoint))}"]
+    for kind, best in sorted((checkpoint.get("best") or {}).items()):
+        lines.append(f"best {kind + ':':<10}AP {best['ap']:.4f} at epoch {best['epoch']}")
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint")
+    parser.add_argument("-c", "--config_file", help="list how the checkpoint's args differ from this config")
+    parser.add_argument("--strip", metavar="OUT", help="write {'model': weights} only")
+    parser.add_argument("--safetensors", metavar="OUT", help="export the model weights as safetensors")
+    opts = parser.parse_args(argv)
+    try:
+        checkpoint = load_checkpoint(opts.checkpoint)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(describe(checkpoint)))
+    if opts.config_file:
+        saved, cfg = checkpoint.get("args") or {}, load_config(opts.config_file)
+        diffs = architecture_differences(saved, cfg) + hyperparameter_changes(saved, cfg)
+        print("differences from the config:" if diffs else "no differences from the config in the checked keys")
+        for d in diffs:
+            print(f"  {d}")
+    model = strip_module_prefix(checkpoint["model"])
+    if opts.strip:
+        atomic_save({"model": model}, opts.strip)
+        print(f"wrote weights-only checkpoint {opts.strip}")
+    if opts.safetensors:
+        from safetensors.torch import save_file
+
+        unique, seen = {}, set()
+        for key, value in model.items():  # shared heads are one tensor under many names: store it once
+            if value.data_ptr() not in seen:
+                seen.add(value.data_ptr())
+                unique[key] = value.contiguous()
+        save_file(unique, opts.safetensors)
+        print(f"wrote {len(unique)} tensors to {opts.safetensors} (shared heads stored once)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
