@@ -122,19 +122,17 @@ def _scheduler(optimizer, args, iterations_per_epoch: int):
     raise ValueError(f"lr_scheduler must be step, multistep or onecycle; got {args.lr_scheduler!r}")
 
 
-def _loaders(args, dataset_train, dataset_val):
-    world, rank = dist_utils.get_world_size(), dist_utils.get_rank()
-    # Loaders get their own generator: creating an iterator must not consume the global RNG that
-    # training draws from, or a resumed run would diverge. Augmentation is seeded per (epoch, index).
-    common = dict(collate_fn=collate_fn, num_workers=args.num_workers, generator=torch.Generator())
-    train_sampler = ResumableSampler(len(dataset_train), shuffle=True, seed=args.seed, num_replicas=world, rank=rank)
-    val_sampler = ResumableSampler(len(dataset_val), shuffle=False, seed=args.seed, num_replicas=world, rank=rank)
-    train_loader = DataLoader(dataset_train, batch_sampler=BatchSampler(train_sampler, args.batch_size, True), **common)
-    val_loader = DataLoader(dataset_val, batch_sampler=BatchSampler(val_sampler, args.batch_size, False), **common)
-    if len(train_loader) == 0:
-        raise ValueError(f"the training set has {len(dataset_train)} images, fewer than one batch of "
-                         f"{args.batch_size} per process: lower batch_size")
-    return train_sampler, train_loader, val_loader
+def _loader(dataset, args, train: bool):
+    """(sampler, loader). Loaders get their own generator: creating an iterator must not draw from the global
+    RNG that training uses, or a resumed run would diverge. Augmentation is seeded per (epoch, index)."""
+    sampler = ResumableSampler(len(dataset), shuffle=train, seed=args.seed, num_replicas=dist_utils.get_world_size(),
+                               rank=dist_utils.get_rank())
+    loader = DataLoader(dataset, batch_sampler=BatchSampler(sampler, args.batch_size, drop_last=train),
+                        collate_fn=collate_fn, num_workers=args.num_workers, generator=torch.Generator())
+    if len(loader) == 0:
+        raise ValueError(f"the {'training' if train else 'validation'} set has {len(dataset)} images, fewer than "
+                         f"one batch of {args.batch_size} per process: lower batch_size")
+    return sampler, loader
 
 
 def _check_num_classes(coco, label_map, args) -> None:
@@ -248,6 +246,22 @@ def _truncate_log(output_dir: str, start_epoch: int) -> None:
     os.replace(path + ".tmp", path)
 
 
+def _evaluate_only(args, model, criterion, postprocessors, val_loader, base_ds, label_map, device) -> int:
+    """--eval: the weights of --resume or --pretrain_model_path, never an auto-resumed checkpoint."""
+    source = args.resume or args.pretrain_model_path
+    if not source:
+        raise ValueError("--eval needs weights: pass --resume CHECKPOINT or --pretrain_model_path CHECKPOINT")
+    _load_weights(model, source, ckpt.load_checkpoint(source), args.finetune_ignore, "--eval")
+    results = os.path.join(args.output_dir, "eval", "results.json") if args.save_results and args.output_dir else None
+    stats, _ = evaluate(model, criterion, postprocessors, val_loader, base_ds, device, results_file=results,
+                        label_to_category_id=label_map, max_iters=10 if args.debug else None)
+    if args.output_dir and dist_utils.is_main_process():
+        with open(os.path.join(args.output_dir, "eval", "eval_stats.json"), "w") as f:
+            json.dump({f"test_{k}": v for k, v in stats.items()}, f)
+    logger.info("bbox AP %.4f  AP50 %.4f", stats["coco_eval_bbox"][0], stats["coco_eval_bbox"][1])
+    return 0
+
+
 def main(args) -> int:
     dist_utils.init_distributed_mode(args)
     if args.output_dir and dist_utils.is_main_process():
@@ -263,13 +277,13 @@ def main(args) -> int:
     args.n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     dataset_val = build_dataset("val", args)
-    dataset_train = None if args.eval else build_dataset("train", args)
     base_ds = get_coco_api_from_dataset(dataset_val)
     label_map = getattr(dataset_val, "label_to_category_id", None)
     _check_num_classes(base_ds, label_map, args)
+    _, val_loader = _loader(dataset_val, args, train=False)
     if args.eval:
-        dataset_train = dataset_val
-    train_sampler, train_loader, val_loader = _loaders(args, dataset_train, dataset_val)
+        return _evaluate_only(args, model, criterion, postprocessors, val_loader, base_ds, label_map, device)
+    train_sampler, train_loader = _loader(build_dataset("train", args), args, train=True)
     iterations = len(train_loader)
     max_iters = 10 if args.debug else None
     optimizer = _optimizer(model, args)
@@ -280,17 +294,11 @@ def main(args) -> int:
         ema = torch.optim.swa_utils.AveragedModel(
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema_decay), use_buffers=True)
 
-    path, checkpoint, how = ckpt.resolve_resume(args.resume, args.output_dir,
-                                                auto_resume=not args.no_auto_resume and not args.eval)
+    path, checkpoint, how = ckpt.resolve_resume(args.resume, args.output_dir, auto_resume=not args.no_auto_resume)
     start_epoch, start_iter, best, saved_meters = args.start_epoch or 0, 0, {}, {}
     per_iteration = args.lr_scheduler == "onecycle"
     scheduler_steps = start_epoch * (iterations if per_iteration else 1)
-    if args.eval:
-        source = path or args.pretrain_model_path
-        if not source:
-            raise ValueError("--eval needs weights: pass --resume CHECKPOINT or --pretrain_model_path CHECKPOINT")
-        _load_weights(model, source, checkpoint or ckpt.load_checkpoint(source), args.finetune_ignore, "--eval")
-    elif path and (args.finetune_ignore and how == "explicit --resume" or "optimizer" not in checkpoint):
+    if path and (args.finetune_ignore and how == "explicit --resume" or "optimizer" not in checkpoint):
         _load_weights(model, path, checkpoint, args.finetune_ignore,
                       "--finetune_ignore" if args.finetune_ignore else "the checkpoint holds no optimizer state")
     elif path:
@@ -316,21 +324,15 @@ def main(args) -> int:
             find_unused_parameters=args.find_unused_params)
     eval_kwargs = dict(amp=amp, label_to_category_id=label_map, max_iters=max_iters)
 
-    if args.eval:
-        results = os.path.join(args.output_dir, "eval", "results.json") if args.save_results and args.output_dir else None
-        stats, _ = evaluate(model_without_ddp, criterion, postprocessors, val_loader, base_ds, device,
-                            results_file=results, **eval_kwargs)
-        if args.output_dir and dist_utils.is_main_process():
-            with open(os.path.join(args.output_dir, "eval", "eval_stats.json"), "w") as f:
-                json.dump({f"test_{k}": v for k, v in stats.items()}, f)
-        logger.info("bbox AP %.4f  AP50 %.4f", stats["coco_eval_bbox"][0], stats["coco_eval_bbox"][1])
-        return 0
-
     if args.output_dir and dist_utils.is_main_process():
         _truncate_log(args.output_dir, start_epoch)
     interrupt.install()
     save = dict(model=model_without_ddp, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema, args=args,
                 iterations=iterations)
+    tensorboard = None
+    if args.use_tensorboard and args.output_dir and dist_utils.is_main_process():
+        from torch.utils.tensorboard import SummaryWriter
+        tensorboard = SummaryWriter(os.path.join(args.output_dir, "tb"), purge_step=start_epoch)
     logger.info("Start training: epochs %d..%d, %d iterations per epoch", start_epoch, args.epochs - 1, iterations)
     started = time.time()
     for epoch in range(start_epoch, args.epochs):
@@ -376,6 +378,12 @@ def main(args) -> int:
                 best[kind] = {"ap": ap, "epoch": epoch}
                 new_best.append(f"checkpoint_best_{kind}.pth")
         log_stats.update(epoch=epoch, n_parameters=args.n_parameters, epoch_time=time.time() - epoch_started)
+        if tensorboard is not None:
+            for key, value in log_stats.items():
+                values = value if isinstance(value, list) else [value]
+                for i, v in enumerate(values[:3]):  # AP, AP50, AP75 of the COCO stats
+                    tensorboard.add_scalar(key if len(values) == 1 else f"{key}/{i}", v, epoch)
+            tensorboard.flush()
         if args.output_dir and dist_utils.is_main_process():
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                 f.write(json.dumps(log_stats) + "\n")

@@ -79,3 +79,14 @@ def test_eval_without_weights_is_a_clear_error(tmp_path, trained):
     proc = run_main(base / "data", tmp_path / "out", "--eval", check=False)
     assert proc.returncode == 2
     assert "--eval needs weights" in proc.stdout
+
+
+def test_ema_and_tensorboard(tmp_path, trained):
+    base, _ = trained
+    run_main(base / "data", tmp_path, options=["epochs=1", "use_ema=True", "ema_decay=0.9", "use_tensorboard=True"])
+    log = read_log(tmp_path)
+    assert len(log[0]["ema_test_coco_eval_bbox"]) == 12
+    assert (tmp_path / "checkpoint_best_ema.pth").exists()
+    checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert "ema_model" in checkpoint and set(checkpoint["best"]) == {"regular", "ema"}
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))

@@ -59,11 +59,12 @@ def _wait_for_line(proc, needle, timeout=120):
 
 
 def test_resume_at_an_epoch_boundary_also_extends_epochs(data, reference, tmp_path):
-    run_main(data, tmp_path, options=["epochs=1"])
-    proc = run_main(data, tmp_path)  # same output_dir: auto-resume, now to 2 epochs
+    run_main(data, tmp_path, options=["epochs=1", "keep_checkpoints=1"])
+    proc = run_main(data, tmp_path, options=["keep_checkpoints=1"])  # same output_dir: auto-resume, to 2 epochs
     assert "Resuming training from" in proc.stdout and "epoch 1, iteration 0 of 8, to 2 total epochs" in proc.stdout
     assert "epochs: 1 -> 2" in proc.stdout
     assert_same_training(reference, tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint0*.pth")) == ["checkpoint0001.pth"]  # pruned
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -348,6 +348,10 @@ def training_state(model, optimizer, lr_scheduler, scaler, ema, *, epoch: int, i
         'epoch': epoch,
         'iteration': iteration,
         'iterations_per_epoch': iterations,
+        # The data order is a pure function of these (see datasets/sampler.py), so nothing else is needed to
+        # skip exactly the batches already trained on.
+        'data_order': {'seed': args.seed, 'world_size': getattr(args, 'world_size', 1), 'batch_size': args.batch_size,
+                       'samples_done_per_rank': iteration * args.batch_size},
         'args': plain_args(args),
         'best': dict(best),
         'meters': meters,

@@ -75,16 +75,13 @@ def build_timm(name: str, return_interm_indices: List[int]) -> Backbone:
 
 def _load_backbone_weights(resnet: nn.Module, path: str) -> None:
     """Load a local torchvision-format ResNet state_dict; nothing is ever downloaded."""
-    from util.checkpoint import load_checkpoint
+    from util.checkpoint import load_checkpoint, load_model_weights
 
-    state = load_checkpoint(path)["model"]
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    result = resnet.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("fc.")]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"backbone_weights {path} does not fit the backbone: missing {missing[:5]}, "
-                         f"unexpected {result.unexpected_keys[:5]}")
-    logger.info("Loaded backbone weights from %s", path)
+    report = load_model_weights(resnet, load_checkpoint(path)["model"], ignore_patterns=("fc.",))
+    missing = [k for k in report.missing if not k.startswith("fc.")]
+    if missing or report.shape_mismatch or report.unexpected:
+        raise ValueError(f"backbone_weights {path} does not fit the backbone:\n{report.format()}")
+    logger.info("Loaded backbone weights from %s (%d tensors)", path, len(report.loaded))
 
 
 class Joiner(nn.Sequential):
