@@ -29,8 +29,8 @@ from util.misc import collate_fn
 logger = logging.getLogger("dino.main")
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("DINO training and evaluation", add_help=True)
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("DINO training and evaluation", add_help=add_help)
     p.add_argument("--config_file", "-c", required=True, help="python config file, e.g. config/DINO/DINO_4scale.py")
     p.add_argument("--options", nargs="+", action=DictAction,
                    help="override config keys: --options lr=2e-4 epochs=24 data_aug_scales=[128]")
@@ -347,7 +347,8 @@ def main(args) -> int:
                 _save_training_checkpoint([ckpt.LATEST], **save, epoch=epoch - 1, iteration=it, best=best,
                                           meters=meters.state())
             if stop:
-                logger.warning("saved %s at epoch %d iteration %d; rerun the same command to resume",
+                logger.warning("%s received: saved %s at epoch %d iteration %d; rerun the same command to resume",
+                               interrupt.received() or "a stop signal on another rank",
                                os.path.join(args.output_dir, ckpt.LATEST), epoch, it)
                 raise interrupt.TrainingInterrupted()
 

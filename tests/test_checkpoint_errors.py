@@ -13,11 +13,6 @@ from runner import read_log, run_main
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return tmp_path_factory.mktemp("data") / "synthetic"
-
-
-@pytest.fixture(scope="module")
 def one_epoch(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("one_epoch")
     run_main(data, out, options=["epochs=1"])

@@ -15,9 +15,9 @@ def _inspect(*args):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(data, tmp_path_factory):
     base = tmp_path_factory.mktemp("inspect")
-    run_main(base / "data", base / "out", options=["epochs=1"])
+    run_main(data, base / "out", options=["epochs=1"])
     return base / "out" / "checkpoint.pth"
 
 

@@ -10,10 +10,10 @@ from main import parse_args
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(data, tmp_path_factory):
     """One 2-epoch run shared by the tests that inspect its output."""
     base = tmp_path_factory.mktemp("run")
-    proc = run_main(base / "data", base / "out")
+    proc = run_main(data, base / "out")
     return base, proc
 
 
@@ -48,9 +48,9 @@ def test_dumped_config_loads_again_with_the_same_values(trained):
     assert again.hidden_dim == 32 and again.data_aug_scales == [64] and again.backbone == "resnet18"
 
 
-def test_eval_only_evaluates(trained, tmp_path):
+def test_eval_only_evaluates(data, trained, tmp_path):
     base, _ = trained
-    proc = run_main(base / "data", tmp_path / "eval", "--eval", "--resume", str(base / "out" / "checkpoint.pth"))
+    proc = run_main(data, tmp_path / "eval", "--eval", "--resume", str(base / "out" / "checkpoint.pth"))
     stats = json.loads((tmp_path / "eval" / "eval" / "eval_stats.json").read_text())
     assert len(stats["test_coco_eval_bbox"]) == 12
     assert not (tmp_path / "eval" / "log.txt").exists()
@@ -74,16 +74,14 @@ def test_config_key_colliding_with_an_argument_is_an_error(tmp_path):
     assert "'seed'" in proc.stdout and "--seed" in proc.stdout
 
 
-def test_eval_without_weights_is_a_clear_error(tmp_path, trained):
-    base, _ = trained
-    proc = run_main(base / "data", tmp_path / "out", "--eval", check=False)
+def test_eval_without_weights_is_a_clear_error(data, tmp_path):
+    proc = run_main(data, tmp_path / "out", "--eval", check=False)
     assert proc.returncode == 2
     assert "--eval needs weights" in proc.stdout
 
 
-def test_ema_and_tensorboard(tmp_path, trained):
-    base, _ = trained
-    run_main(base / "data", tmp_path, options=["epochs=1", "use_ema=True", "ema_decay=0.9", "use_tensorboard=True"])
+def test_ema_and_tensorboard(data, tmp_path):
+    run_main(data, tmp_path, options=["epochs=1", "use_ema=True", "ema_decay=0.9", "use_tensorboard=True"])
     log = read_log(tmp_path)
     assert len(log[0]["ema_test_coco_eval_bbox"]) == 12
     assert (tmp_path / "checkpoint_best_ema.pth").exists()

@@ -27,11 +27,6 @@ def assert_same_training(ref_dir, other_dir):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return tmp_path_factory.mktemp("data") / "synthetic"
-
-
-@pytest.fixture(scope="module")
 def reference(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
     run_main(data, out)

@@ -26,7 +26,8 @@ OFFICIAL_EVAL_S = 1.83  # midpoint of the official code's 1.78-1.87 s
 OFFICIAL_TRAIN_S = 6.1  # midpoint of 5.96-6.37 s
 
 
-def _median_time(fn, runs: int) -> float:
+def median_time(fn, runs: int) -> float:
+    """Median wall time of `runs` calls after one warm-up call."""
     fn()
     times = []
     for _ in range(runs):
@@ -83,8 +84,8 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
         optimizer.step()
 
-    eval_s = _median_time(eval_forward, opts.runs)
-    train_s = _median_time(train_step, opts.runs)
+    eval_s = median_time(eval_forward, opts.runs)
+    train_s = median_time(train_step, opts.runs)
 
     shapes = [(opts.height // s, opts.width // s) for s in (8, 16, 32)]
     shapes.append(((shapes[-1][0] + 1) // 2, (shapes[-1][1] + 1) // 2))
@@ -97,8 +98,8 @@ def main() -> None:
     def core(fn):
         return lambda: fn(value, shapes, locations, weights).backward(grad)
 
-    ref_core_s = _median_time(core(reference_core), opts.runs)
-    our_core_s = _median_time(core(multi_scale_deformable_attn), opts.runs)
+    ref_core_s = median_time(core(reference_core), opts.runs)
+    our_core_s = median_time(core(multi_scale_deformable_attn), opts.runs)
 
     print(f"DINO-4scale R50, {opts.height}x{opts.width}, batch 1, {opts.threads} threads, median of {opts.runs} runs")
     print(f"{'what':<44}{'baseline s':>12}{'ours s':>10}{'speed-up':>10}")

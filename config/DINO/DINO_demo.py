@@ -14,7 +14,7 @@ data_aug_val_size = 128
 backbone = "resnet18"
 backbone_norm = "bn"  # trainable BN and stem: training from scratch, no pretrained weights
 backbone_freeze_at = 0
-lr_backbone_names = ["backbone.0"]
+return_interm_indices = [1, 2]  # C3, C4 + two extra levels: layer4 never runs (measured 18% faster per step)
 
 hidden_dim = 128
 nheads = 8
@@ -25,9 +25,11 @@ num_queries = 100
 dn_number = 50
 num_select = 100
 
+# Tuned on this dataset, AP after 1000 iterations of batch 4 (1000-image variant, 4 epochs, lr drop at 3):
+# with layer4 lr 2e-4 0.31, 5e-4 0.37; without it lr 5e-4 0.39, 1e-3 0.16, onecycle(6e-4) 0.33, dn_number 100 worse.
 batch_size = 4
-epochs = 4
-lr = 0.0002
-lr_backbone = 0.0002
+epochs = 5
+lr = 0.0005
+lr_backbone = 0.0005
 lr_scheduler = "step"
-lr_drop = 3
+lr_drop = 4

@@ -1,0 +1,92 @@
+"""Real engines: torchrun with two CPU processes (gloo), and submitit's local executor with preemption."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from runner import ROOT, TINY_OPTIONS, read_log
+
+
+def _torchrun(data, out, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "main.py"), "-c", "config/DINO/DINO_demo.py", "--coco_path", str(data), "--output_dir",
+           str(out), "--num_workers", "0", "--save_log", *extra, "--options", *TINY_OPTIONS, "synthetic_num_train=24"]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+
+
+def _read_until(proc, needle, timeout=240):
+    lines, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        lines.append(line)
+        if needle in line:
+            return "".join(lines)
+    raise AssertionError(f"never saw {needle!r}:\n{''.join(lines)[-4000:]}")
+
+
+def test_torchrun_two_processes_interrupted_mid_epoch_and_resumed(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "out"
+    first = _torchrun(data, out)
+    _read_until(first, "Epoch 1 [2/6]")
+    os.killpg(first.pid, signal.SIGTERM)  # what a scheduler does: every process of the job gets it
+    first_out = first.communicate(timeout=240)[0]
+    saved = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert saved["epoch"] == 0 and 2 <= saved["iteration"] < 6, first_out[-3000:]
+    assert len(saved["rng"]) == 2  # one RNG state per process
+    second = _torchrun(data, out)
+    second_out = second.communicate(timeout=300)[0]
+    assert second.returncode == 0, second_out[-4000:]
+    assert f"epoch 1, iteration {saved['iteration']} of 6" in second_out
+    assert [e["epoch"] for e in read_log(out)] == [0, 1]  # one line per epoch, written by rank 0 only
+    info = (out / "info.txt").read_text()
+    assert info.count("command:") == 2 and "world size: 2" in info
+    assert len(read_log(out)[1]["test_coco_eval_bbox"]) == 12
+
+
+def _children(pid):
+    out = subprocess.run(["pgrep", "-P", str(pid)], stdout=subprocess.PIPE, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _wait_for_file_text(path_glob, needle, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for path in path_glob():
+            if needle in path.read_text(errors="replace"):
+                return path
+        time.sleep(0.2)
+    raise AssertionError(f"never saw {needle!r} in {[str(p) for p in path_glob()]}")
+
+
+def test_submitit_local_preemption_requeues_and_resumes_mid_epoch(data, tmp_path):
+    job_dir = tmp_path / "job"
+    cmd = [sys.executable, str(ROOT / "tools" / "run_with_submitit.py"), "--cluster", "local", "--ngpus", "1",
+           "--timeout", "20", "--job_dir", str(job_dir), "--cpus_per_task", "1",
+           "-c", "config/DINO/DINO_demo.py", "--coco_path", str(data), "--device", "cpu", "--num_workers", "0",
+           "--save_log", "--options", *TINY_OPTIONS, "epochs=12"]
+    # A file, not a pipe: the local job inherits the launcher's stdout and would hold a pipe open.
+    with open(tmp_path / "submit.txt", "w") as out:
+        submitted = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, timeout=120,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    text = (tmp_path / "submit.txt").read_text()
+    assert submitted.returncode == 0, text
+    controller = int(text.split("Submitted job ")[1].split(";")[0])
+    logs = lambda: sorted(job_dir.glob("*_log.out"))  # noqa: E731
+    _wait_for_file_text(logs, "Epoch 2 [3/8]")
+    for task in _children(controller):
+        os.kill(task, signal.SIGUSR2)  # submitit's own preemption path
+    _wait_for_file_text(logs, "requeue 1: resuming from epoch")
+    _wait_for_file_text(logs, "Training time", timeout=300)
+    assert [e["epoch"] for e in read_log(job_dir)] == list(range(12))  # every epoch logged exactly once
+    text = "".join(p.read_text() for p in logs())
+    epoch, iteration = re.search(r"requeue 1: resuming from epoch (\d+) iteration (\d+)", text).groups()
+    assert int(epoch) >= 2 and int(iteration) > 0  # continued mid-epoch, not from the last epoch end
+    assert f"epoch {epoch}, iteration {iteration} of 8" in text
