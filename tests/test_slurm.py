@@ -85,9 +85,11 @@ def test_scontrol_requeue_mid_run_resumes_and_matches_an_uninterrupted_run(slurm
 @pytest.mark.slow
 def test_time_limit_saves_requeues_and_finishes(slurm, data, tmp_path):
     job_dir = tmp_path / "job"
-    job_id = _submit(slurm, data, job_dir, "--timeout", "2", "--signal_delay_s", "75", options=["epochs=30"])
+    # ~70 s of training: the time-limit notice (SIGUSR2, 75 s before the 2-minute limit) lands mid-run.
+    job_id = _submit(slurm, data, job_dir, "--timeout", "2", "--signal_delay_s", "75",
+                     options=["epochs=120", "save_checkpoint_interval=1000"])
     _wait(job_dir, "Requeued job", timeout=200)  # submitit's own line, after our save
     _start_now(slurm, job_id)
     _wait(job_dir, "requeue 1: resuming from epoch", timeout=120)
     _wait(job_dir, "Training time", timeout=900)
-    assert [e["epoch"] for e in read_log(job_dir)] == list(range(30))
+    assert [e["epoch"] for e in read_log(job_dir)] == list(range(120))
