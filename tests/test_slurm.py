@@ -1,5 +1,6 @@
 """A real single-node Slurm (tools/slurm/local_cluster.sh): a job requeued mid-run finishes as if never stopped."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -68,17 +69,19 @@ def _same_weights(a, b):
 
 
 def test_scontrol_requeue_mid_run_resumes_and_matches_an_uninterrupted_run(slurm, data, tmp_path):
+    options = ["epochs=12"]  # a few seconds of training, so the requeue lands mid-run
     reference = tmp_path / "reference"
-    run_main(data, reference)
+    run_main(data, reference, options=options)
     job_dir = tmp_path / "job"
-    job_id = _submit(slurm, data, job_dir)
-    _wait(job_dir, "Epoch 1 [3/8]", timeout=240)
+    job_id = _submit(slurm, data, job_dir, options=options)
+    _wait(job_dir, "Epoch 2 [3/8]", timeout=240)
     subprocess.run(["scontrol", "requeue", job_id], env=slurm, check=True)
+    _wait(job_dir, "SIGTERM received: saved", timeout=60)
     _start_now(slurm, job_id)
     _wait(job_dir, "Training time", timeout=300)
     text = _job_text(job_dir)
-    assert "Resuming training from" in text and "epoch 1, iteration" in text
-    assert [e["epoch"] for e in read_log(job_dir)] == [0, 1]
+    assert re.search(r"Resuming training from .*: epoch \d+, iteration [1-8] of 8", text), text[-3000:]
+    assert [e["epoch"] for e in read_log(job_dir)] == list(range(12))
     assert _same_weights(reference, job_dir)
 
 
