@@ -1,8 +1,6 @@
 """One training epoch and one evaluation pass. Resumable: an epoch can start at any iteration."""
-import json
 import logging
 import math
-import os
 import sys
 import time
 from typing import Callable, Dict, Iterable, Optional

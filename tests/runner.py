@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,3 +28,16 @@ def run_main(coco_path, output_dir, *extra, options=(), config=DEMO, timeout=300
 
 def read_log(output_dir):
     return [json.loads(line) for line in (Path(output_dir) / "log.txt").read_text().splitlines() if line.strip()]
+
+
+def wait_for_line(proc, needle, timeout=240):
+    """Read a running process's output until a line contains needle; returns everything read so far."""
+    lines, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        lines.append(line)
+        if needle in line:
+            return "".join(lines)
+    raise AssertionError(f"never saw {needle!r}:\n{''.join(lines)[-4000:]}")

@@ -6,10 +6,9 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 
-from runner import ROOT, TINY_OPTIONS, read_log
+from runner import ROOT, TINY_OPTIONS, read_log, wait_for_line
 
 
 def _torchrun(data, out, *extra):
@@ -20,22 +19,10 @@ def _torchrun(data, out, *extra):
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
 
 
-def _read_until(proc, needle, timeout=240):
-    lines, deadline = [], time.time() + timeout
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        lines.append(line)
-        if needle in line:
-            return "".join(lines)
-    raise AssertionError(f"never saw {needle!r}:\n{''.join(lines)[-4000:]}")
-
-
 def test_torchrun_two_processes_interrupted_mid_epoch_and_resumed(tmp_path):
     data, out = tmp_path / "data", tmp_path / "out"
     first = _torchrun(data, out)
-    _read_until(first, "Epoch 1 [1/6]")  # after a full epoch with its evaluation
+    wait_for_line(first, "Epoch 1 [1/6]")  # after a full epoch with its evaluation
     os.killpg(first.pid, signal.SIGTERM)  # what a scheduler does: every process of the job gets it
     first_out = first.communicate(timeout=240)[0]
     saved = torch.load(out / "checkpoint.pth", weights_only=True)

@@ -2,12 +2,11 @@
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from runner import ROOT, TINY_OPTIONS, read_log, run_main
+from runner import ROOT, TINY_OPTIONS, read_log, run_main, wait_for_line
 
 
 def _state(path):
@@ -41,18 +40,6 @@ def _popen(data, out, *extra, options=(), workers=0):
                             env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
 
 
-def _wait_for_line(proc, needle, timeout=120):
-    lines, deadline = [], time.time() + timeout
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        lines.append(line)
-        if needle in line:
-            return "".join(lines)
-    raise AssertionError(f"never saw {needle!r}:\n{''.join(lines)[-3000:]}")
-
-
 def test_resume_at_an_epoch_boundary_also_extends_epochs(data, reference, tmp_path):
     run_main(data, tmp_path, options=["epochs=1", "keep_checkpoints=1"])
     proc = run_main(data, tmp_path, options=["keep_checkpoints=1"])  # same output_dir: auto-resume, to 2 epochs
@@ -65,7 +52,7 @@ def test_resume_at_an_epoch_boundary_also_extends_epochs(data, reference, tmp_pa
 @pytest.mark.parametrize("workers", [0, 2])
 def test_sigterm_mid_epoch_saves_and_resumes_bit_exactly(data, reference, tmp_path, workers):
     proc = _popen(data, tmp_path, workers=workers)
-    _wait_for_line(proc, "Epoch 0 [3/8]")  # the first epoch: the signal lands well before training ends
+    wait_for_line(proc, "Epoch 0 [3/8]")  # the first epoch: the signal lands well before training ends
     proc.send_signal(signal.SIGTERM)
     rest = proc.communicate(timeout=120)[0]
     assert proc.returncode == 3, rest
@@ -80,7 +67,7 @@ def test_sigterm_mid_epoch_saves_and_resumes_bit_exactly(data, reference, tmp_pa
 
 def test_kill_9_after_a_periodic_save_resumes_bit_exactly(data, reference, tmp_path):
     proc = _popen(data, tmp_path, options=["save_every_iters=3"])
-    _wait_for_line(proc, "Epoch 0 [4/8]")  # the save at iteration 3 is complete
+    wait_for_line(proc, "Epoch 0 [4/8]")  # the save at iteration 3 is complete
     proc.kill()
     proc.wait()
     saved = torch.load(tmp_path / "checkpoint.pth", weights_only=True)

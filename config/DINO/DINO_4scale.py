@@ -17,7 +17,6 @@ lr_drop_list = [33, 45]
 clip_max_norm = 0.1
 use_ema = False
 ema_decay = 0.9997
-ema_epoch = 0
 
 # checkpoints
 save_checkpoint_interval = 1

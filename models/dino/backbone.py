@@ -1,6 +1,6 @@
 """ResNet (torchvision) or timm backbones returning padded multi-level features, as DINO's `backbone.0`."""
 import logging
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -108,5 +108,7 @@ def build_backbone(args) -> Joiner:
                                 args.dilation, args.backbone_weights)
     else:
         raise ValueError(f"unknown backbone {args.backbone!r}: use resnet18/34/50/101 or timm:<model name>")
+    if args.position_embedding != "sine":
+        raise ValueError(f"position_embedding must be 'sine' (DINO's normalised sine HW); got {args.position_embedding!r}")
     position = PositionEmbeddingSineHW(args.hidden_dim // 2, args.pe_temperatureH, args.pe_temperatureW)
     return Joiner(backbone, position)

@@ -1,5 +1,4 @@
 """Deformable encoder/decoder with DINO's two-stage (mixed) query selection and look-forward-twice refinement."""
-import math
 from typing import List, Optional
 
 import torch
