@@ -1,6 +1,8 @@
 """Real engines: torchrun with two CPU processes (gloo), and submitit's local executor with preemption."""
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -8,7 +10,9 @@ import time
 
 import torch
 
-from runner import ROOT, TINY_OPTIONS, read_log, wait_for_line
+from datasets.sampler import ResumableSampler
+from datasets.synthetic import ensure_synthetic_coco
+from runner import ROOT, TINY_OPTIONS, read_log, run_main, wait_for_line
 
 
 def _torchrun(data, out, *extra):
@@ -28,6 +32,7 @@ def test_torchrun_two_processes_interrupted_mid_epoch_and_resumed(tmp_path):
     saved = torch.load(out / "checkpoint.pth", weights_only=True)
     assert saved["epoch"] >= 0 and saved["iteration"] > 0, first_out[-3000:]
     assert len(saved["rng"]) == 2  # one RNG state per process
+    shutil.copytree(out, tmp_path / "one_process")
     second = _torchrun(data, out)
     second_out = second.communicate(timeout=300)[0]
     assert second.returncode == 0, second_out[-4000:]
@@ -36,6 +41,38 @@ def test_torchrun_two_processes_interrupted_mid_epoch_and_resumed(tmp_path):
     info = (out / "info.txt").read_text()
     assert info.count("command:") == 2 and "world size: 2" in info
     assert len(read_log(out)[-1]["test_coco_eval_bbox"]) == 12
+
+    # The same mid-epoch checkpoint on one process (a node was lost): the epoch restarts, and says so.
+    alone = run_main(data, tmp_path / "one_process", options=["synthetic_num_train=24", "epochs=3"])
+    assert "the data order differs, so epoch" in alone.stdout and "restarts from its first iteration" in alone.stdout
+    assert [e["epoch"] for e in read_log(tmp_path / "one_process")] == [0, 1, 2]
+
+
+def test_a_rank_whose_batch_has_no_boxes_neither_hangs_nor_crashes(tmp_path):
+    """Half the images lose their boxes; with seed 42 some step gives one rank only empty images."""
+    data = tmp_path / "data"
+    ensure_synthetic_coco(data, num_train=24, num_val=6, image_size=64, seed=0)  # what main.py would generate
+    coco = json.loads((data / "annotations" / "instances_train2017.json").read_text())
+    empty = {img["id"] for img in coco["images"][::2]}
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] not in empty]
+    (tmp_path / "train.json").write_text(json.dumps(coco))
+    boxes = {img["id"]: 0 for img in coco["images"]}
+    for a in coco["annotations"]:
+        boxes[a["image_id"]] += 1
+    ids = sorted(boxes)  # the dataset orders images by id
+    per_rank = [[[boxes[ids[i]] for _, i in s] for s in _rank_batches(len(ids), rank)] for rank in (0, 1)]
+    assert any(sum(a) == 0 < sum(b) or sum(b) == 0 < sum(a) for a, b in zip(*per_rank)), "test data too easy"
+    proc = _torchrun(data, tmp_path / "out", "--options", f"train_ann_file={tmp_path / 'train.json'}")
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output[-4000:]
+    assert len(read_log(tmp_path / "out")) == 3
+
+
+def _rank_batches(num_images, rank):
+    sampler = ResumableSampler(num_images, shuffle=True, seed=42, num_replicas=2, rank=rank)
+    sampler.set_epoch(0)
+    samples = list(sampler)
+    return [samples[i:i + 2] for i in range(0, len(samples) - 1, 2)]
 
 
 def _children(pid):

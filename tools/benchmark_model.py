@@ -26,14 +26,16 @@ OFFICIAL_EVAL_S = 1.83  # midpoint of the official code's 1.78-1.87 s
 OFFICIAL_TRAIN_S = 6.1  # midpoint of 5.96-6.37 s
 
 
-def median_time(fn, runs: int) -> float:
-    """Median wall time of `runs` calls after one warm-up call."""
+def median_time(fn, runs: int, spread: list = None) -> float:
+    """Median wall time of `runs` calls after one warm-up call; (min, max) go to `spread` if given."""
     fn()
     times = []
     for _ in range(runs):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
+    if spread is not None:
+        spread.append((min(times), max(times)))
     return statistics.median(times)
 
 
@@ -84,8 +86,9 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
         optimizer.step()
 
-    eval_s = median_time(eval_forward, opts.runs)
-    train_s = median_time(train_step, opts.runs)
+    spreads = []
+    eval_s = median_time(eval_forward, opts.runs, spreads)
+    train_s = median_time(train_step, opts.runs, spreads)
 
     shapes = [(opts.height // s, opts.width // s) for s in (8, 16, 32)]
     shapes.append(((shapes[-1][0] + 1) // 2, (shapes[-1][1] + 1) // 2))
@@ -99,15 +102,15 @@ def main() -> None:
         return lambda: fn(value, shapes, locations, weights).backward(grad)
 
     ref_core_s = median_time(core(reference_core), opts.runs)
-    our_core_s = median_time(core(multi_scale_deformable_attn), opts.runs)
+    our_core_s = median_time(core(multi_scale_deformable_attn), opts.runs, spreads)
 
     print(f"DINO-4scale R50, {opts.height}x{opts.width}, batch 1, {opts.threads} threads, median of {opts.runs} runs")
-    print(f"{'what':<44}{'baseline s':>12}{'ours s':>10}{'speed-up':>10}")
+    print(f"{'what':<44}{'baseline s':>12}{'ours s':>10}{'speed-up':>10}{'ours min-max s':>18}")
     rows = [("eval forward (baseline: official code)", OFFICIAL_EVAL_S, eval_s),
             ("train step, DN 5 boxes (baseline: official)", OFFICIAL_TRAIN_S, train_s),
             (f"MSDA core fwd+bwd, encoder, {tokens} queries", ref_core_s, our_core_s)]
-    for name, base, ours in rows:
-        print(f"{name:<44}{base:>12.3f}{ours:>10.3f}{base / ours:>9.2f}x")
+    for (name, base, ours), (low, high) in zip(rows, spreads):
+        print(f"{name:<44}{base:>12.3f}{ours:>10.3f}{base / ours:>9.2f}x{low:>11.3f}-{high:.3f}")
 
 
 if __name__ == "__main__":
