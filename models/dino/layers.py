@@ -1,5 +1,5 @@
 """Encoder and decoder layers of the deformable transformer (post-norm, as DINO)."""
-from typing import Optional
+from typing import List, Optional
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -39,7 +39,7 @@ class EncoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: Tensor,
+    def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: List[List[int]],
                 padding_mask: Optional[Tensor]) -> Tensor:
         attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, padding_mask)
         src = self.norm1(src + self.dropout1(attn))
@@ -67,7 +67,7 @@ class DecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(d_model)
 
     def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor,
-                spatial_shapes: Tensor, memory_padding_mask: Optional[Tensor],
+                spatial_shapes: List[List[int]], memory_padding_mask: Optional[Tensor],
                 self_attn_mask: Optional[Tensor]) -> Tensor:
         q = k = tgt + query_pos
         attn = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]

@@ -39,8 +39,8 @@ class Encoder(nn.Module):
             refs.append(centers[None] / valid_ratios[:, None, lvl])
         return torch.cat(refs, 1)[:, :, None] * valid_ratios[:, None]
 
-    def forward(self, src, pos, spatial_shapes, shapes_list, valid_ratios, padding_mask):
-        reference_points = self.reference_points(shapes_list, valid_ratios)
+    def forward(self, src, pos, spatial_shapes, valid_ratios, padding_mask):
+        reference_points = self.reference_points(spatial_shapes, valid_ratios)
         for layer in self.layers:
             src = layer(src, pos, reference_points, spatial_shapes, padding_mask)
         return src
@@ -107,11 +107,11 @@ class DeformableTransformer(nn.Module):
         nn.init.normal_(self.level_embed)
         nn.init.normal_(self.tgt_embed.weight)
 
-    def encoder_proposals(self, memory: Tensor, padding_mask: Tensor, shapes_list: List[List[int]]):
+    def encoder_proposals(self, memory: Tensor, padding_mask: Tensor, spatial_shapes: List[List[int]]):
         """One anchor box per memory token (its pixel, size 0.05 * 2^level); tokens in padding or too close
         to the border are invalid. Returns projected memory, proposals (logits) and the invalid mask."""
         proposals, start = [], 0
-        for lvl, (h, w) in enumerate(shapes_list):
+        for lvl, (h, w) in enumerate(spatial_shapes):
             mask_l = padding_mask[:, start:start + h * w].view(-1, h, w)
             valid_wh = torch.stack([(~mask_l[:, 0, :]).sum(1), (~mask_l[:, :, 0]).sum(1)], -1).float()
             centers = _grid_centers(h, w, memory.device)[None] / valid_wh[:, None]
@@ -127,17 +127,16 @@ class DeformableTransformer(nn.Module):
     def forward(self, srcs: List[Tensor], masks: List[Tensor], pos_embeds: List[Tensor],
                 dn_query_label: Optional[Tensor] = None, dn_query_bbox: Optional[Tensor] = None,
                 attn_mask: Optional[Tensor] = None):
-        shapes_list = [list(src.shape[-2:]) for src in srcs]
-        spatial_shapes = torch.as_tensor(shapes_list, dtype=torch.long, device=srcs[0].device)
+        spatial_shapes = [list(src.shape[-2:]) for src in srcs]  # a list: no device sync in any layer
         src_flatten = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)
         mask_flatten = torch.cat([mask.flatten(1) for mask in masks], 1)
         pos_flatten = torch.cat([pos.flatten(2).transpose(1, 2) + self.level_embed[lvl]
                                  for lvl, pos in enumerate(pos_embeds)], 1)
         valid_ratios = torch.stack([_valid_ratios(m) for m in masks], 1)
 
-        memory = self.encoder(src_flatten, pos_flatten, spatial_shapes, shapes_list, valid_ratios, mask_flatten)
+        memory = self.encoder(src_flatten, pos_flatten, spatial_shapes, valid_ratios, mask_flatten)
 
-        output_memory, proposals, invalid = self.encoder_proposals(memory, mask_flatten, shapes_list)
+        output_memory, proposals, invalid = self.encoder_proposals(memory, mask_flatten, spatial_shapes)
         enc_logits = self.enc_out_class_embed(output_memory)
         enc_coords_unsig = self.enc_out_bbox_embed(output_memory) + proposals
         k = min(self.num_queries, memory.shape[1])

@@ -69,10 +69,12 @@ class MSDeformAttn(nn.Module):
         nn.init.xavier_uniform_(self.output_proj.weight)
         nn.init.constant_(self.output_proj.bias, 0.0)
 
-    def forward(self, query: Tensor, reference_points: Tensor, input_flatten: Tensor, spatial_shapes: Tensor,
+    def forward(self, query: Tensor, reference_points: Tensor, input_flatten: Tensor, spatial_shapes: Shapes,
                 input_padding_mask: Tensor = None) -> Tensor:
         """query (N, Lq, C); reference_points (N, Lq, L, 2) as xy or (N, Lq, L, 4) as cxcywh, normalised;
-        input_flatten (N, S, C); spatial_shapes (L, 2); input_padding_mask (N, S), True = padding."""
+        input_flatten (N, S, C); spatial_shapes (L, 2) as (H, W), best a list (a tensor costs a device sync);
+        input_padding_mask (N, S), True = padding."""
+        shapes = _as_list(spatial_shapes)
         n, lq, _ = query.shape
         s = input_flatten.shape[1]
         value = self.value_proj(input_flatten)
@@ -83,12 +85,12 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(n, lq, self.n_heads, self.n_levels * self.n_points)
         weights = weights.softmax(-1).view(n, lq, self.n_heads, self.n_levels, self.n_points)
         if reference_points.shape[-1] == 2:
-            normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(offsets.dtype)
+            normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=offsets.dtype, device=offsets.device)
             locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
         elif reference_points.shape[-1] == 4:
             locations = (reference_points[:, :, None, :, None, :2]
                          + offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5)
         else:
             raise ValueError(f"reference_points must end in 2 or 4 values, got {reference_points.shape[-1]}")
-        out = multi_scale_deformable_attn(value, spatial_shapes, locations, weights)
+        out = multi_scale_deformable_attn(value, shapes, locations, weights)
         return self.output_proj(out)
