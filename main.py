@@ -24,7 +24,7 @@ from util import distributed as dist_utils
 from util import interrupt
 from util.config import DictAction, dump_config, load_config, merge_config
 from util.logger import setup_logging
-from util.misc import collate_fn
+from util.misc import atomic_write, collate_fn
 
 logger = logging.getLogger("dino.main")
 
@@ -241,9 +241,7 @@ def _truncate_log(output_dir: str, start_epoch: int) -> None:
         return
     with open(path) as f:
         lines = [line for line in f if line.strip() and json.loads(line).get("epoch", -1) < start_epoch]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(lines)
-    os.replace(path + ".tmp", path)
+    atomic_write(path, lambda f: f.write("".join(lines).encode()))
 
 
 def _evaluate_only(args, model, criterion, postprocessors, val_loader, base_ds, label_map, device) -> int:

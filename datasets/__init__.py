@@ -1,6 +1,4 @@
 """Dataset construction: COCO-layout folders (real or generated) with DINO's augmentation."""
-from torch.utils.data import Subset
-
 from .coco import build as build_coco
 
 
@@ -12,7 +10,5 @@ def build_dataset(image_set: str, args):
 
 
 def get_coco_api_from_dataset(dataset):
-    """The pycocotools COCO object holding the ground truth, looking through Subset wrappers."""
-    while isinstance(dataset, Subset):
-        dataset = dataset.dataset
+    """The pycocotools COCO object holding the ground truth (DETR's name for it)."""
     return dataset.coco

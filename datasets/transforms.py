@@ -138,12 +138,10 @@ class Normalize:
 
 
 def make_coco_transforms(image_set: str, args):
-    """DINO's COCO augmentation, with the sizes read from the config (data_aug_*)."""
-    scales = list(getattr(args, "data_aug_scales", range(480, 801, 32)))
-    max_size = getattr(args, "data_aug_max_size", 1333)
-    scales2_resize = getattr(args, "data_aug_scales2_resize", [400, 500, 600])
-    scales2_crop = getattr(args, "data_aug_scales2_crop", [384, 600])
-    val_size = getattr(args, "data_aug_val_size", None) or max(scales)
+    """DINO's COCO augmentation, with the sizes from the config (data_aug_*, defaults in coco_transformer.py)."""
+    scales, max_size = list(args.data_aug_scales), args.data_aug_max_size
+    scales2_resize, scales2_crop = args.data_aug_scales2_resize, args.data_aug_scales2_crop
+    val_size = args.data_aug_val_size or max(scales)
     normalize = Compose([ToTensor(), Normalize()])
 
     if image_set == "train":
@@ -153,7 +151,7 @@ def make_coco_transforms(image_set: str, args):
         else:
             scale = RandomSelect(resize_only, Compose([RandomResize(scales2_resize), RandomSizeCrop(*scales2_crop),
                                                        RandomResize(scales, max_size=max_size)]))
-        flip = [RandomHorizontalFlip()] if getattr(args, "data_aug_hflip", True) else []
+        flip = [RandomHorizontalFlip()] if args.data_aug_hflip else []
         return Compose(flip + [scale, normalize])
     if image_set == "val":
         return Compose([RandomResize([val_size], max_size=max_size), normalize])

@@ -127,11 +127,11 @@ def test_any_width_layers_and_levels_work(hidden_dim, nheads, levels, indices):
     assert len(res[0]["scores"]) == min(300, out["pred_logits"].shape[1] * 5)
 
 
-@pytest.mark.parametrize("norm,freeze", [("frozen_bn", 2), ("gn", 1)])
-def test_backbone_norms_and_freezing(norm, freeze):
+@pytest.mark.parametrize("norm,freeze,frozen", [("frozen_bn", 2, {"conv1", "layer1"}),  # FrozenBN: buffers only
+                                               ("gn", 1, {"conv1", "bn1"}), ("bn", 0, set())])
+def test_backbone_norms_and_freezing(norm, freeze, frozen):
     model, _, _ = build_model(tiny_args(backbone_norm=norm, backbone_freeze_at=freeze))
-    frozen = {n.split(".")[2] for n, p in model.backbone.named_parameters() if not p.requires_grad}
-    assert frozen == ({"conv1", "layer1"} if freeze == 2 else {"conv1", "bn1"} - ({"bn1"} if norm == "frozen_bn" else set()))
+    assert {n.split(".")[2] for n, p in model.backbone.named_parameters() if not p.requires_grad} == frozen
 
 
 def test_timm_backbone():

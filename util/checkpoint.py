@@ -19,6 +19,8 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
+from util.misc import atomic_write
+
 logger = logging.getLogger('dino.checkpoint')
 
 
@@ -35,37 +37,12 @@ class CheckpointWriteError(RuntimeError):
 
 def atomic_save(obj, path):
     """torch.save obj so that path holds either the old file or the complete new one, never a part."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_directory(directory)
-    except BaseException as e:
-        try:
-            os.remove(tmp)
-        except FileNotFoundError:
-            pass
-        if not isinstance(e, Exception):
-            raise
+        atomic_write(path, lambda f: torch.save(obj, f))
+    except Exception as e:
         hint = ' (disk full?)' if getattr(e, 'errno', None) in (errno.ENOSPC, errno.EDQUOT) else ''
-        raise CheckpointWriteError(f"could not write checkpoint {path}: {e}{hint}; "
+        raise CheckpointWriteError(f"could not write checkpoint {os.fspath(path)}: {e}{hint}; "
                                    "the previous file at that path, if any, is unchanged") from e
-
-
-def _fsync_directory(directory: str):
-    """Make the rename itself survive a crash; directories cannot be opened for fsync on Windows."""
-    if os.name != 'posix':
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ from other files with ``_base_ = 'path.py'`` (or a list of paths). Only plain va
 that configs can be dumped next to a run, diffed, and stored inside checkpoints.
 """
 import argparse
-import contextlib
 import difflib
 import keyword
 import logging
@@ -13,6 +12,8 @@ import math
 import os
 import pprint
 import types
+
+from util.misc import atomic_write
 
 logger = logging.getLogger('dino.config')
 
@@ -219,15 +220,7 @@ def dump_config(cfg: dict, path):
         _check_plain(value, key, path)
         _check_finite(value, key)
         lines.append(f"{key} = {pprint.pformat(value, sort_dicts=False)}\n")
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, 'w', encoding='utf-8') as f:
-            f.writelines(lines)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: f.write(''.join(lines).encode('utf-8')))
 
 
 def _check_finite(value, key: str):

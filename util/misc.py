@@ -1,5 +1,6 @@
-"""Small helpers shared by models, datasets and the engine: padded batches and collation."""
-from typing import List, Optional
+"""Small helpers shared by models, datasets and the engine: padded batches, collation, atomic writes."""
+import os
+from typing import Callable, IO, List, Optional
 
 import torch
 from torch import Tensor
@@ -45,3 +46,28 @@ def collate_fn(batch):
 def inverse_sigmoid(x: Tensor, eps: float = 1e-3) -> Tensor:
     x = x.clamp(min=0, max=1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+def atomic_write(path, write: Callable[[IO[bytes]], None]) -> None:
+    """Call write(file) on a temporary file beside path, fsync it, then rename it over path (and fsync the
+    directory): a crash or an error at any instant leaves the old file or the complete new one, never a part.
+    On error the temporary file is removed and the exception propagates."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    if os.name == "posix":  # make the rename itself durable; directories cannot be fsynced elsewhere
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
