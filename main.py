@@ -220,12 +220,13 @@ def _load_weights(model, path, checkpoint, ignore, reason) -> None:
 
 
 def _save_training_checkpoint(names, model, optimizer, scheduler, scaler, ema, args, *, epoch, iteration,
-                              iterations, best, meters) -> None:
+                              iterations, best, meters, categories) -> None:
     """Every rank contributes its RNG state; rank 0 writes each name atomically; the others wait."""
     rng = dist_utils.all_gather_object(ckpt.capture_rng_state())
     if dist_utils.is_main_process() and args.output_dir:
         state = ckpt.training_state(model, optimizer, scheduler, scaler, ema, epoch=epoch, iteration=iteration,
-                                    iterations=iterations, args=args, best=best, meters=meters, rng_states=rng)
+                                    iterations=iterations, args=args, best=best, meters=meters, rng_states=rng,
+                                    categories=categories)
         for name in names:
             if name.startswith("checkpoint0"):
                 ckpt.save_numbered(state, args.output_dir, epoch, args.keep_checkpoints)
@@ -281,7 +282,8 @@ def main(args) -> int:
     _, val_loader = _loader(dataset_val, args, train=False)
     if args.eval:
         return _evaluate_only(args, model, criterion, postprocessors, val_loader, base_ds, label_map, device)
-    train_sampler, train_loader = _loader(build_dataset("train", args), args, train=True)
+    dataset_train = build_dataset("train", args)
+    train_sampler, train_loader = _loader(dataset_train, args, train=True)
     iterations = len(train_loader)
     max_iters = 10 if args.debug else None
     optimizer = _optimizer(model, args)
@@ -326,7 +328,7 @@ def main(args) -> int:
         _truncate_log(args.output_dir, start_epoch)
     interrupt.install()
     save = dict(model=model_without_ddp, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema, args=args,
-                iterations=iterations)
+                iterations=iterations, categories=dataset_train.categories())
     tensorboard = None
     if args.use_tensorboard and args.output_dir and dist_utils.is_main_process():
         from torch.utils.tensorboard import SummaryWriter

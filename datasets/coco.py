@@ -71,6 +71,10 @@ class CocoDetection(torch.utils.data.Dataset):
             logger.warning("%s: dropped %d malformed boxes (not 4 numbers, width or height <= 0, outside the image "
                            "or an unknown category), e.g. annotation id %s", ann_file, len(dropped), dropped[0])
 
+    def categories(self) -> list:
+        """[{'id', 'name'}] in id order: what the checkpoint records so that predictions can be named."""
+        return [{"id": int(c), "name": str(self.coco.cats[c].get("name", c))} for c in sorted(self.coco.cats)]
+
     def __len__(self) -> int:
         return len(self.ids)
 

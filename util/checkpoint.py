@@ -315,7 +315,7 @@ def hyperparameter_changes(saved: dict, current: dict) -> List[str]:
 
 
 def training_state(model, optimizer, lr_scheduler, scaler, ema, *, epoch: int, iteration: int, iterations: int,
-                   args, best: dict, meters: dict, rng_states: list) -> dict:
+                   args, best: dict, meters: dict, rng_states: list, categories: list = ()) -> dict:
     """Everything needed to continue exactly. `epoch` is the last completed epoch (DINO's convention) and
     `iteration` the steps already done in epoch + 1 (0 at an epoch boundary)."""
     state = {
@@ -330,6 +330,8 @@ def training_state(model, optimizer, lr_scheduler, scaler, ema, *, epoch: int, i
         'data_order': {'seed': args.seed, 'world_size': getattr(args, 'world_size', 1), 'batch_size': args.batch_size,
                        'samples_done_per_rank': iteration * args.batch_size},
         'args': plain_args(args),
+        # The training set's [{'id', 'name'}], so a checkpoint alone can name what it detects.
+        'categories': list(categories),
         'best': dict(best),
         'meters': meters,
         'rng': rng_states,
