@@ -118,8 +118,11 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
 
 @torch.no_grad()
 def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, *, amp: bool = False,
-             label_to_category_id=None, results_file: Optional[str] = None, max_iters: Optional[int] = None):
-    """COCO bbox evaluation over the whole (possibly sharded) loader; returns (stats dict, evaluator)."""
+             label_to_category_id=None, results_file: Optional[str] = None, max_iters: Optional[int] = None,
+             after_batch: Optional[Callable[[], None]] = None):
+    """COCO bbox evaluation over the whole (possibly sharded) loader; returns (stats dict, evaluator).
+
+    `after_batch()` runs after every batch: a stop signal is acted on there, not after a long evaluation."""
     model.eval()
     criterion.eval()
     meters = Meters()
@@ -140,6 +143,8 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, *, 
         orig_sizes = torch.stack([t["orig_size"] for t in targets])
         results = postprocessors["bbox"](outputs, orig_sizes)
         evaluator.update({int(t["image_id"]): r for t, r in zip(targets, results)})
+        if after_batch is not None:
+            after_batch()
     evaluator.synchronize_between_processes()
     logger.info("Evaluated %d batches in %.1f s", total, time.time() - started)
     if results_file and dist_utils.is_main_process():

@@ -8,7 +8,7 @@ import random
 import subprocess
 import sys
 import time
-import warnings
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +21,10 @@ from datasets.sampler import ResumableSampler
 from engine import Meters, NonFiniteLossError, evaluate, train_one_epoch
 from models import build_model
 from util import distributed as dist_utils
-from util import interrupt
+from util import interrupt, resume, run_dir
 from util.config import DictAction, dump_config, load_config, merge_config
 from util.logger import setup_logging
-from util.misc import atomic_write, collate_fn
+from util.misc import collate_fn
 
 logger = logging.getLogger("dino.main")
 
@@ -128,7 +128,8 @@ def _loader(dataset, args, train: bool):
     sampler = ResumableSampler(len(dataset), shuffle=train, seed=args.seed, num_replicas=dist_utils.get_world_size(),
                                rank=dist_utils.get_rank())
     loader = DataLoader(dataset, batch_sampler=BatchSampler(sampler, args.batch_size, drop_last=train),
-                        collate_fn=collate_fn, num_workers=args.num_workers, generator=torch.Generator())
+                        collate_fn=collate_fn, num_workers=args.num_workers, generator=torch.Generator(),
+                        worker_init_fn=interrupt.ignore_in_worker)
     if len(loader) == 0:
         raise ValueError(f"the {'training' if train else 'validation'} set has {len(dataset)} images, fewer than "
                          f"one batch of {args.batch_size} per process: lower batch_size")
@@ -155,102 +156,15 @@ def _write_header(args, model) -> None:
     args.n_parameters = n_params
 
 
-def _restore_full_state(checkpoint, path, how, model, optimizer, scaler, ema, args, iterations):
-    """Continue a run exactly: returns (start_epoch, start_iter, best, meters, scheduler steps done)."""
-    saved_args = checkpoint.get("args") or {}
-    model.load_state_dict(ckpt.strip_module_prefix(checkpoint["model"]), strict=True)
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    _apply_configured_lrs(optimizer, args)
-    scheduler_steps = checkpoint["lr_scheduler"]["last_epoch"]
-    if scaler is not None and "scaler" in checkpoint:
-        scaler.load_state_dict(checkpoint["scaler"])
-    if ema is not None:
-        if "ema_model" in checkpoint:
-            ema.load_state_dict(checkpoint["ema_model"])
-        else:
-            logger.warning("the checkpoint has no EMA weights: the EMA restarts from the current model")
-    start_epoch, start_iter = checkpoint["epoch"] + 1, checkpoint.get("iteration", 0)
-    meters = checkpoint.get("meters") or {}
-    logger.info("Resuming training from %s (%s): epoch %d, iteration %d of %d, to %d total epochs",
-                path, how, start_epoch, start_iter, iterations, args.epochs)
-    for change in ckpt.hyperparameter_changes(saved_args, vars(args)):
-        logger.info("  changed since the checkpoint: %s", change)
-    same_layout = (saved_args.get("world_size", 1) == dist_utils.get_world_size()
-                   and saved_args.get("batch_size") == args.batch_size)
-    rng = checkpoint.get("rng") or []
-    if start_iter and not same_layout:
-        logger.warning("  the checkpoint stopped mid-epoch with %s process(es) x batch %s; now %d x %d: the data "
-                       "order differs, so epoch %d restarts from its first iteration",
-                       saved_args.get("world_size", 1), saved_args.get("batch_size"), dist_utils.get_world_size(),
-                       args.batch_size, start_epoch)
-        start_iter, meters = 0, {}
-    if len(rng) == dist_utils.get_world_size():
-        ckpt.restore_rng_state(rng[dist_utils.get_rank()])
-    elif rng:
-        logger.warning("  RNG states were saved for %d process(es), now %d: random draws will differ from an "
-                       "uninterrupted run", len(rng), dist_utils.get_world_size())
-    if args.start_epoch is not None and args.start_epoch != start_epoch:
-        logger.info("  --start_epoch %d overrides the checkpoint's epoch %d", args.start_epoch, start_epoch)
-        start_epoch, start_iter, meters = args.start_epoch, 0, {}
-        scheduler_steps = start_epoch * (iterations if args.lr_scheduler == "onecycle" else 1)
-    return start_epoch, start_iter, checkpoint.get("best") or {}, meters, scheduler_steps
-
-
-def _apply_configured_lrs(optimizer, args) -> None:
-    """A loaded optimizer carries the old run's lr and weight decay; the current config's win (and are
-    logged as changed), so changing lr on resume is never silently ignored."""
-    for group, lr in zip(optimizer.param_groups, (args.lr, args.lr_backbone)):
-        group["lr"] = group["initial_lr"] = lr
-        group["weight_decay"] = args.weight_decay
-
-
-def _position_scheduler(scheduler, steps: int) -> None:
-    """Put a fresh schedule where an uninterrupted run would be after `steps` steps: the same float
-    operations in the same order, so the lr is bit-identical."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "scheduler.step() before optimizer.step()": intended
-        for _ in range(steps):
-            scheduler.step()
-
-
-def _load_weights(model, path, checkpoint, ignore, reason) -> None:
-    report = ckpt.load_model_weights(model, checkpoint["model"], ignore or ())
-    logger.info("Loaded model weights only from %s (%s); optimizer and schedule start fresh:\n%s",
-                path, reason, report.format())
-
-
-def _save_training_checkpoint(names, model, optimizer, scheduler, scaler, ema, args, *, epoch, iteration,
-                              iterations, best, meters, categories) -> None:
-    """Every rank contributes its RNG state; rank 0 writes each name atomically; the others wait."""
-    rng = dist_utils.all_gather_object(ckpt.capture_rng_state())
-    if dist_utils.is_main_process() and args.output_dir:
-        state = ckpt.training_state(model, optimizer, scheduler, scaler, ema, epoch=epoch, iteration=iteration,
-                                    iterations=iterations, args=args, best=best, meters=meters, rng_states=rng,
-                                    categories=categories)
-        for name in names:
-            if name.startswith("checkpoint0"):
-                ckpt.save_numbered(state, args.output_dir, epoch, args.keep_checkpoints)
-            else:
-                ckpt.atomic_save(state, os.path.join(args.output_dir, name))
-    dist_utils.barrier()
-
-
-def _truncate_log(output_dir: str, start_epoch: int) -> None:
-    """Drop log.txt lines of epochs that will run again (written before a crash that preceded their save)."""
-    path = os.path.join(output_dir, "log.txt")
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line).get("epoch", -1) < start_epoch]
-    atomic_write(path, lambda f: f.write("".join(lines).encode()))
-
-
 def _evaluate_only(args, model, criterion, postprocessors, val_loader, base_ds, label_map, device) -> int:
     """--eval: the weights of --resume or --pretrain_model_path, never an auto-resumed checkpoint."""
     source = args.resume or args.pretrain_model_path
     if not source:
         raise ValueError("--eval needs weights: pass --resume CHECKPOINT or --pretrain_model_path CHECKPOINT")
-    _load_weights(model, source, ckpt.load_checkpoint(source), args.finetune_ignore, "--eval")
+    checkpoint = ckpt.load_checkpoint(source)
+    report = resume.load_weights(model, source, checkpoint, args.finetune_ignore)
+    logger.info("Evaluating the %s weights of %s:\n%s", "EMA" if checkpoint.get("model_is_ema") else "model",
+                source, report.format())
     results = os.path.join(args.output_dir, "eval", "results.json") if args.save_results and args.output_dir else None
     stats, _ = evaluate(model, criterion, postprocessors, val_loader, base_ds, device, results_file=results,
                         label_to_category_id=label_map, max_iters=10 if args.debug else None)
@@ -261,12 +175,50 @@ def _evaluate_only(args, model, criterion, postprocessors, val_loader, base_ds, 
     return 0
 
 
+def _claim_output_dir(args):
+    """Rank 0 creates output_dir, locks it for this run and removes temporary files of saves a kill cut short.
+    Every rank fails together if the directory is busy. Returns the lock (held until the process ends)."""
+    held, error = None, None
+    if args.output_dir and dist_utils.is_main_process():
+        try:
+            os.makedirs(os.path.join(args.output_dir, "eval"), exist_ok=True)
+            held = run_dir.lock(args.output_dir)
+            args.stale_temporary_files = ckpt.remove_stale_temporary_files(args.output_dir)
+        except run_dir.OutputDirBusy as e:
+            error = e
+    if dist_utils.any_rank(error is not None):
+        raise error or run_dir.OutputDirBusy(f"{args.output_dir} is in use by another run (see rank 0)")
+    return held
+
+
+def _refuse_frozen_random_backbone(model, args) -> None:
+    """Frozen stages with random weights never learn: the official recipe freezes ImageNet-trained ones."""
+    frozen = [n for n, p in model.backbone.named_parameters() if not p.requires_grad]
+    if frozen and not args.backbone_weights:
+        raise ValueError(f"backbone_freeze_at={args.backbone_freeze_at} freezes backbone stages whose weights are "
+                         f"random ({len(frozen)} tensors, e.g. {frozen[0]}) since no backbone_weights and no "
+                         "checkpoint were given: set backbone_weights=imagenet (or a local file), or "
+                         "backbone_freeze_at=0 to train the whole backbone")
+
+
+def _stop(args, where: str, saved: str) -> None:
+    """Log what a stop signal did, truthfully, then end the run with exit code 3."""
+    signal_name = interrupt.received() or "a stop signal on another process"
+    if args.output_dir:
+        logger.warning("%s received during %s: %s; rerun the same command to continue", signal_name, where, saved)
+    else:
+        logger.warning("%s received during %s: nothing was saved (no --output_dir)", signal_name, where)
+    raise interrupt.TrainingInterrupted()
+
+
 def main(args) -> int:
     dist_utils.init_distributed_mode(args)
-    if args.output_dir and dist_utils.is_main_process():
-        os.makedirs(os.path.join(args.output_dir, "eval"), exist_ok=True)
+    output_lock = _claim_output_dir(args)  # noqa: F841 (held until the process ends)
     dist_utils.barrier()
     setup_logging(args.output_dir, dist_utils.get_rank(), args.debug)
+    if getattr(args, "stale_temporary_files", None):
+        logger.info("Removed %d temporary file(s) of interrupted saves: %s", len(args.stale_temporary_files),
+                    ", ".join(args.stale_temporary_files))
     device = torch.device(args.device)
     _seed_everything(args.seed + dist_utils.get_rank())
     model, criterion, postprocessors = build_model_main(args)
@@ -294,91 +246,59 @@ def main(args) -> int:
         ema = torch.optim.swa_utils.AveragedModel(
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema_decay), use_buffers=True)
 
-    path, checkpoint, how = ckpt.resolve_resume(args.resume, args.output_dir, auto_resume=not args.no_auto_resume)
-    start_epoch, start_iter, best, saved_meters = args.start_epoch or 0, 0, {}, {}
+    state = resume.TrainState(model, optimizer, scaler, ema, args, iterations, dataset_train.categories(),
+                              resume.run_origin(args))
+    start = resume.choose_start(args)
+    if start.kind == "scratch":
+        _refuse_frozen_random_backbone(model, args)
+    position = resume.restore(start, state)
+    del start
+    state.scheduler = _scheduler(optimizer, args, iterations)  # built now, so the current config's schedule wins
+    resume.position_scheduler(state.scheduler, position.scheduler_steps)
     per_iteration = args.lr_scheduler == "onecycle"
-    scheduler_steps = start_epoch * (iterations if per_iteration else 1)
-    if path and (args.finetune_ignore and how == "explicit --resume" or "optimizer" not in checkpoint):
-        _load_weights(model, path, checkpoint, args.finetune_ignore,
-                      "--finetune_ignore" if args.finetune_ignore else "the checkpoint holds no optimizer state")
-    elif path:
-        diffs = ckpt.architecture_differences(checkpoint.get("args") or {}, vars(args))
-        if diffs:
-            raise ValueError(f"{path} was trained with a different architecture:\n  " + "\n  ".join(diffs) +
-                             "\nuse --pretrain_model_path (or --resume with --finetune_ignore) to fine-tune from it")
-        start_epoch, start_iter, best, saved_meters, scheduler_steps = _restore_full_state(
-            checkpoint, path, how, model, optimizer, scaler, ema, args, iterations)
-    elif args.pretrain_model_path:
-        _load_weights(model, args.pretrain_model_path, ckpt.load_checkpoint(args.pretrain_model_path),
-                      args.finetune_ignore, "--pretrain_model_path")
-    else:
-        logger.info("Training from scratch (%s)", how)
-    del checkpoint
-    scheduler = _scheduler(optimizer, args, iterations)  # built now, so the current config's schedule wins
-    _position_scheduler(scheduler, scheduler_steps)
 
     model_without_ddp = model
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == "cuda" else None,
             find_unused_parameters=args.find_unused_params)
-    eval_kwargs = dict(amp=amp, label_to_category_id=label_map, max_iters=max_iters)
-
     if args.output_dir and dist_utils.is_main_process():
-        _truncate_log(args.output_dir, start_epoch)
+        run_dir.truncate_log(args.output_dir, position.pending["epoch"] if position.pending else position.epoch)
     interrupt.install()
-    save = dict(model=model_without_ddp, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema, args=args,
-                iterations=iterations, categories=dataset_train.categories())
+    best = position.best
     tensorboard = None
     if args.use_tensorboard and args.output_dir and dist_utils.is_main_process():
         from torch.utils.tensorboard import SummaryWriter
-        tensorboard = SummaryWriter(os.path.join(args.output_dir, "tb"), purge_step=start_epoch)
-    logger.info("Start training: epochs %d..%d, %d iterations per epoch", start_epoch, args.epochs - 1, iterations)
-    started = time.time()
-    for epoch in range(start_epoch, args.epochs):
-        epoch_started = time.time()
-        train_sampler.set_epoch(epoch)
-        train_sampler.set_start(start_iter * args.batch_size)
+        tensorboard = SummaryWriter(os.path.join(args.output_dir, "tb"), purge_step=position.epoch)
 
-        def after_iteration(it, meters, epoch=epoch):
-            stop = interrupt.stop_requested(device)
-            due = args.save_every_iters > 0 and it % args.save_every_iters == 0 and it < iterations
-            if stop or due:
-                _save_training_checkpoint([ckpt.LATEST], **save, epoch=epoch - 1, iteration=it, best=best,
-                                          meters=meters.state())
-            if stop:
-                logger.warning("%s received: saved %s at epoch %d iteration %d; rerun the same command to resume",
-                               interrupt.received() or "a stop signal on another rank",
-                               os.path.join(args.output_dir, ckpt.LATEST), epoch, it)
-                raise interrupt.TrainingInterrupted()
+    def evaluate_and_record(epoch: int, train_meters: dict, train_time: float) -> None:
+        """Evaluate a trained epoch (saved already), log it, keep the best, save again."""
+        eval_started = time.time()
 
-        train_stats = train_one_epoch(
-            model, criterion, train_loader, optimizer, device, epoch, max_norm=args.clip_max_norm, scaler=scaler,
-            amp=amp, ema=ema, iteration_scheduler=scheduler if per_iteration else None, start_iter=start_iter,
-            meters=Meters(saved_meters if start_iter else None), after_iteration=after_iteration,
-            max_iters=max_iters, log_progress=args.save_log)
-        start_iter = 0
-        if not per_iteration:
-            scheduler.step()
-
+        def after_batch():
+            if interrupt.stop_requested():
+                _stop(args, f"the evaluation of epoch {epoch}",
+                      f"{ckpt.LATEST} holds epoch {epoch}'s training, which a rerun evaluates first")
+        eval_kwargs = dict(amp=amp, label_to_category_id=label_map, max_iters=max_iters, after_batch=after_batch)
         results = os.path.join(args.output_dir, "eval", f"results{epoch:04d}.json") \
             if args.save_results and args.output_dir else None
         test_stats, _ = evaluate(model_without_ddp, criterion, postprocessors, val_loader, base_ds, device,
                                  results_file=results, **eval_kwargs)
-        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
+        log_stats = {**{f"train_{k}": v for k, v in Meters(train_meters).averages().items()},
                      **{f"test_{k}": v for k, v in test_stats.items()}}
-        new_best = []
         candidates = [("regular", test_stats)]
         if ema is not None:
             ema_stats, _ = evaluate(ema.module, criterion, postprocessors, val_loader, base_ds, device, **eval_kwargs)
             log_stats.update({f"ema_test_{k}": v for k, v in ema_stats.items()})
             candidates.append(("ema", ema_stats))
+        new_best = []
         for kind, stats in candidates:
             ap = stats["coco_eval_bbox"][0]
             if ap > best.get(kind, {}).get("ap", -1.0):
                 best[kind] = {"ap": ap, "epoch": epoch}
                 new_best.append(f"checkpoint_best_{kind}.pth")
-        log_stats.update(epoch=epoch, n_parameters=args.n_parameters, epoch_time=time.time() - epoch_started)
+        log_stats.update(epoch=epoch, n_parameters=args.n_parameters,
+                         epoch_time=train_time + time.time() - eval_started)
         if tensorboard is not None:
             for key, value in log_stats.items():
                 values = value if isinstance(value, list) else [value]
@@ -386,40 +306,108 @@ def main(args) -> int:
                     tensorboard.add_scalar(key if len(values) == 1 else f"{key}/{i}", v, epoch)
             tensorboard.flush()
         if args.output_dir and dist_utils.is_main_process():
-            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
-                f.write(json.dumps(log_stats) + "\n")
+            run_dir.append_log(args.output_dir, log_stats)
             with open(os.path.join(args.output_dir, "eval", "latest.json"), "w") as f:
                 json.dump({"epoch": epoch, "coco_eval_bbox": test_stats["coco_eval_bbox"]}, f)
         names = new_best + [ckpt.LATEST]
         if (epoch + 1) % args.save_checkpoint_interval == 0:
             names.append(f"checkpoint{epoch:04d}.pth")
-        _save_training_checkpoint(names, **save, epoch=epoch, iteration=0, best=best, meters={})
-        logger.info("Epoch %d done in %.0f s: bbox AP %.4f (best %.4f at epoch %d)", epoch,
-                    log_stats["epoch_time"], test_stats["coco_eval_bbox"][0], best["regular"]["ap"],
-                    best["regular"]["epoch"])
+        state.save(names, epoch=epoch, iteration=0, best=best, meters={})
+        logger.info("Epoch %d done in %.0f s: bbox AP %.4f (best %.4f at epoch %d)", epoch, log_stats["epoch_time"],
+                    test_stats["coco_eval_bbox"][0], best["regular"]["ap"], best["regular"]["epoch"])
+
+    if position.pending:
+        logger.info("Epoch %d was trained but not evaluated: evaluating it first", position.pending["epoch"])
+        evaluate_and_record(**position.pending)
+    logger.info("Start training: epochs %d..%d, %d iterations per epoch", position.epoch, args.epochs - 1, iterations)
+    started = time.time()
+    start_iter = position.iteration
+    for epoch in range(position.epoch, args.epochs):
+        epoch_started = time.time()
+        train_sampler.set_epoch(epoch)
+        train_sampler.set_start(start_iter * args.batch_size)
+
+        def after_iteration(it, meters, epoch=epoch):
+            stop = interrupt.stop_requested()
+            due = args.save_every_iters > 0 and it % args.save_every_iters == 0 and it < iterations
+            if stop or due:
+                state.save([ckpt.LATEST], epoch=epoch - 1, iteration=it, best=best, meters=meters.state())
+            if stop:
+                _stop(args, f"epoch {epoch}", f"saved {os.path.join(args.output_dir, ckpt.LATEST)} at iteration {it}")
+
+        meters = Meters(position.meters if start_iter else None)
+        train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, max_norm=args.clip_max_norm,
+                        scaler=scaler, amp=amp, ema=ema, iteration_scheduler=state.scheduler if per_iteration else None,
+                        start_iter=start_iter, meters=meters, after_iteration=after_iteration, max_iters=max_iters,
+                        log_progress=args.save_log)
+        start_iter = 0
+        if not per_iteration:
+            state.scheduler.step()
+        train_time = time.time() - epoch_started
+        # Saved before evaluating (as DINO and DETR do): a crash or a kill during a long evaluation loses no training.
+        state.save([ckpt.LATEST], epoch=epoch, iteration=0, best=best, meters=meters.state(), eval_pending=True,
+                   epoch_time=train_time)
+        evaluate_and_record(epoch, meters.state(), train_time)
     logger.info("Training time %s", datetime.timedelta(seconds=int(time.time() - started)))
     return 0
 
+BAD_INPUT = (ValueError, FileNotFoundError, ckpt.CheckpointError, run_dir.OutputDirBusy)
+TRAINING_FAILURES = (FloatingPointError, ckpt.CheckpointWriteError)
+
 
 def cli(argv=None) -> int:
+    """The one place that turns failures into one `error:` line and an exit code: 2 for bad input, 1 for a
+    failure during training, 3 after a stop signal (state saved). --debug lets unexpected errors raise."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = None
     try:
         args = parse_args(argv)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
         return main(args)
     except interrupt.TrainingInterrupted:
         return interrupt.EXIT_INTERRUPTED
-    except (ckpt.CheckpointError, ValueError, FileNotFoundError) as e:
-        logger.error("error: %s", e)
-        return 2
-    except (NonFiniteLossError, FloatingPointError) as e:
-        logger.error("stopped: %s. checkpoint.pth still holds the last good state.", e)
-        return 1
-    except ckpt.CheckpointWriteError as e:
-        logger.error("stopped: %s", e)
-        return 1
+    except KeyboardInterrupt:
+        return _fail(f"stopped by Ctrl-C before a save; {_last_save(args)}", 130, args)
+    except BAD_INPUT as e:
+        return _fail(str(e), 2, args)
+    except NonFiniteLossError as e:
+        return _fail(f"{e}; {_last_save(args)}", 1, args)
+    except TRAINING_FAILURES as e:
+        return _fail(str(e), 1, args)
+    except torch.distributed.DistBackendError as e:
+        return _fail(f"lost contact with another process of this run, which probably failed (see its error): "
+                     f"{str(e).splitlines()[0]}", 1, args)
+    except Exception as e:
+        if "--debug" in argv:
+            raise
+        return _fail(f"unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                     f"{_traceback_to_info(args)}", 1, args)
+
+
+def _last_save(args) -> str:
+    path = os.path.join(args.output_dir, ckpt.LATEST) if args is not None and args.output_dir else ""
+    return f"{path} still holds the last good state" if path and os.path.exists(path) else "no checkpoint was saved"
+
+
+def _traceback_to_info(args) -> str:
+    """Keep the full traceback in info.txt, so the console shows one line."""
+    info = os.path.join(args.output_dir, "info.txt") if args is not None and args.output_dir else ""
+    if not info or not os.path.exists(info) or not dist_utils.is_main_process():
+        return " (rerun with --debug for the traceback)"
+    with open(info, "a") as f:
+        traceback.print_exc(file=f)
+    return f" (traceback in {info}; --debug prints it)"
+
+
+def _fail(message: str, code: int, args) -> int:
+    rank = dist_utils.get_rank()
+    line = f"error: {message}" if rank == 0 else f"[rank {rank}] error: {message}"
+    info = os.path.join(args.output_dir, "info.txt") if args is not None and args.output_dir else ""
+    if rank == 0 and info and os.path.exists(info):
+        with open(info, "a") as f:
+            f.write(line + "\n")
+    sys.stdout.flush()
+    print(line, file=sys.stderr, flush=True)
+    return code
 
 
 if __name__ == "__main__":

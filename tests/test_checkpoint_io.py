@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from util import checkpoint
-from util.checkpoint import (CheckpointError, CheckpointWriteError, atomic_save, capture_rng_state,
-                             load_checkpoint, load_model_weights, restore_rng_state, strip_module_prefix)
+from util import weights
+from util.checkpoint import CheckpointError, CheckpointWriteError, atomic_save, load_checkpoint
+from util.rng import capture_rng_state, restore_rng_state
+from util.weights import load_model_weights, strip_module_prefix
 
 
 def _state_dict():
@@ -185,11 +186,11 @@ def test_load_model_weights_shared_tensor_under_one_name(source_classes):
 def test_summarize_keys_groups_long_lists():
     keys = [f'transformer.decoder.layers.{i}.{name}' for i in range(6) for name in 'abcdefghi']
     keys += ['transformer.decoder.norm.weight', 'transformer.decoder.norm.bias']
-    summary = checkpoint.summarize_keys(keys)
+    summary = weights.summarize_keys(keys)
     assert len(summary) <= 8
     assert 'transformer.decoder.layers.0.* (9 keys)' in summary
-    assert checkpoint.summarize_keys(keys + [f'backbone.{i}' for i in range(300)])[0] == 'transformer.* (56 keys)'
-    assert checkpoint.summarize_keys(['a', 'b']) == ['a', 'b']
+    assert weights.summarize_keys(keys + [f'backbone.{i}' for i in range(300)])[0] == 'transformer.* (56 keys)'
+    assert weights.summarize_keys(['a', 'b']) == ['a', 'b']
 
 
 def _draws():

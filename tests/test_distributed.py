@@ -107,10 +107,10 @@ def test_submitit_local_preemption_requeues_and_resumes_mid_epoch(data, tmp_path
     _wait_for_file_text(logs, "Epoch 2 [3/8]")
     for task in _children(controller):
         os.kill(task, signal.SIGUSR2)  # submitit's own preemption path
-    _wait_for_file_text(logs, "requeue 1: resuming from epoch")
+    _wait_for_file_text(logs, "requeue 1:")
     _wait_for_file_text(logs, "Training time", timeout=300)
     assert [e["epoch"] for e in read_log(job_dir)] == list(range(12))  # every epoch logged exactly once
     text = "".join(p.read_text() for p in logs())
-    epoch, iteration = re.search(r"requeue 1: resuming from epoch (\d+) iteration (\d+)", text).groups()
+    epoch, iteration = re.search(r"Continuing the interrupted run in .*: epoch (\d+), iteration (\d+)", text).groups()
     assert int(epoch) >= 2 and int(iteration) > 0  # continued mid-epoch, not from the last epoch end
     assert f"epoch {epoch}, iteration {iteration} of 8" in text

@@ -43,7 +43,8 @@ def _popen(data, out, *extra, options=(), workers=0):
 def test_resume_at_an_epoch_boundary_also_extends_epochs(data, reference, tmp_path):
     run_main(data, tmp_path, options=["epochs=1", "keep_checkpoints=1"])
     proc = run_main(data, tmp_path, options=["keep_checkpoints=1"])  # same output_dir: auto-resume, to 2 epochs
-    assert "Resuming training from" in proc.stdout and "epoch 1, iteration 0 of 8, to 2 total epochs" in proc.stdout
+    assert "Continuing the interrupted run in" in proc.stdout
+    assert "(started from scratch): epoch 1, iteration 0 of 8, to 2 total epochs" in proc.stdout
     assert "epochs: 1 -> 2" in proc.stdout
     assert_same_training(reference, tmp_path)
     assert sorted(p.name for p in tmp_path.glob("checkpoint0*.pth")) == ["checkpoint0001.pth"]  # pruned
@@ -56,7 +57,7 @@ def test_sigterm_mid_epoch_saves_and_resumes_bit_exactly(data, reference, tmp_pa
     proc.send_signal(signal.SIGTERM)
     rest = proc.communicate(timeout=120)[0]
     assert proc.returncode == 3, rest
-    assert "SIGTERM received: saved" in rest and "rerun the same command to resume" in rest
+    assert "SIGTERM received during epoch 0: saved" in rest and "rerun the same command to continue" in rest
     saved = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert saved["iteration"] > 0  # stopped inside an epoch, at an iteration boundary
     resumed = run_main(data, tmp_path, "--num_workers", str(workers))

@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from main import _optimizer, _scheduler, parse_args  # noqa: E402
 from tools.benchmark_model import median_time  # noqa: E402
 from models import build_model  # noqa: E402
-from util.checkpoint import atomic_save, capture_rng_state, load_checkpoint, training_state  # noqa: E402
+from util.checkpoint import atomic_save, load_checkpoint, training_state  # noqa: E402
+from util.rng import capture_rng_state  # noqa: E402
 
 
 def _state(config: str) -> dict:
@@ -32,7 +33,7 @@ def _state(config: str) -> dict:
         p.grad = torch.zeros_like(p) if p.requires_grad else None
     optimizer.step()
     return training_state(model, optimizer, _scheduler(optimizer, args, 1), None, None, epoch=0, iteration=0,
-                          iterations=1, args=args, best={}, meters={}, rng_states=[capture_rng_state()])
+                          iterations=1, args=args, best={}, meters={}, rng_states=[capture_rng_state()], origin={})
 
 
 def main() -> None:

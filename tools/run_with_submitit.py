@@ -7,7 +7,6 @@ Every main.py argument is accepted. On preemption or timeout, submitit signals t
 saves checkpoint.pth at the next iteration boundary, the job requeues itself and auto-resumes from there.
 """
 import argparse
-import os
 import signal
 import sys
 from pathlib import Path
@@ -18,7 +17,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import main as dino_main  # noqa: E402
 from util import interrupt  # noqa: E402
-from util.checkpoint import LATEST, CheckpointError, load_checkpoint  # noqa: E402
 
 
 def launcher_parser(add_help: bool = False) -> argparse.ArgumentParser:
@@ -62,29 +60,20 @@ class Trainer:
         dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         job = submitit.JobEnvironment()
         argv = [a.replace("%j", str(job.job_id).split("_")[0]) for a in self.main_argv]
-        args = dino_main.parse_args(argv)
         if self.requeues and dist_env.rank == 0:
-            print(f"requeue {self.requeues}: {self._position(args.output_dir)}", flush=True)
-        try:
-            return dino_main.main(args)
-        except interrupt.TrainingInterrupted:
-            # The state is saved. SIGUSR2 is submitit's preemption/timeout notice: let it do the rest
-            # (checkpoint() + requeue + exit). Other signals (scancel, scontrol requeue) just end this run.
-            requeue = interrupt.previous_handler(signal.SIGUSR2)
-            if interrupt.received() == "SIGUSR2" and callable(requeue):
-                requeue(signal.SIGUSR2, None)
-            return interrupt.EXIT_INTERRUPTED
+            print(f"requeue {self.requeues}: rerunning the same command, which continues the run", flush=True)
+        code = dino_main.cli(argv)
+        # After a stop signal the state is saved (exit code 3). SIGUSR2 is submitit's preemption/timeout notice:
+        # let it do the rest (checkpoint() + requeue + exit). Other signals (scancel, scontrol requeue) end this run.
+        requeue = interrupt.previous_handler(signal.SIGUSR2)
+        if code == interrupt.EXIT_INTERRUPTED and interrupt.received() == "SIGUSR2" and callable(requeue):
+            requeue(signal.SIGUSR2, None)
+        if code not in (0, interrupt.EXIT_INTERRUPTED):
+            raise RuntimeError(f"main.py ended with exit code {code}: its error line above says why")
+        return code
 
     def checkpoint(self):
         return submitit.helpers.DelayedSubmission(Trainer(self.main_argv, self.requeues + 1))
-
-    @staticmethod
-    def _position(output_dir: str) -> str:
-        try:
-            saved = load_checkpoint(os.path.join(output_dir, LATEST))
-        except CheckpointError as e:
-            return f"no resumable checkpoint ({e})"
-        return f"resuming from epoch {saved['epoch'] + 1} iteration {saved.get('iteration', 0)}"
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,4 @@
-"""Checkpoint I/O shared by main.py, engine.py and the SLURM launcher.
+"""The checkpoint file format and its safe I/O (the resume policy is util/resume.py).
 
 Checkpoints hold only tensors and plain Python values, so they are always read with
 ``weights_only=True``: a checkpoint from elsewhere can never run code on load. Writes are atomic, so
@@ -6,23 +6,14 @@ a job killed mid-save (or a full disk) leaves the previous checkpoint intact.
 """
 import argparse
 import errno
-import logging
 import os
 import pickle
-import random
 import re
-import textwrap
-from collections import defaultdict
-from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from typing import List
 
-import numpy as np
 import torch
 
 from util.misc import atomic_write
-
-logger = logging.getLogger('dino.checkpoint')
-
 
 class CheckpointError(RuntimeError):
     """A checkpoint file could not be read; the message says which file and why."""
@@ -127,149 +118,12 @@ def _first_sentence(error: Exception) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Model weights
+# Training checkpoints: what they hold and where they live in output_dir
 
-def strip_module_prefix(state_dict: dict) -> dict:
-    """Drop the 'module.' that DistributedDataParallel puts in front of every key."""
-    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
-
-
-@dataclass
-class LoadReport:
-    """What load_model_weights did with every key, so a partial load is never silent."""
-    loaded: List[str] = field(default_factory=list)
-    ignored: List[str] = field(default_factory=list)
-    shape_mismatch: List[Tuple[str, tuple, tuple]] = field(default_factory=list)
-    missing: List[str] = field(default_factory=list)
-    unexpected: List[str] = field(default_factory=list)
-    unused_patterns: List[str] = field(default_factory=list)
-
-    def format(self) -> str:
-        mismatch_by_shapes = defaultdict(list)
-        for key, ckpt_shape, model_shape in self.shape_mismatch:
-            mismatch_by_shapes[(ckpt_shape, model_shape)].append(key)
-        mismatch = [f"checkpoint {list(c)} vs model {list(m)}: {', '.join(summarize_keys(keys))}"
-                    for (c, m), keys in mismatch_by_shapes.items()]
-        rows = [('loaded', len(self.loaded), summarize_keys(self.loaded)),
-                ('ignored', len(self.ignored), summarize_keys(self.ignored)),
-                ('shape mismatch', len(self.shape_mismatch), mismatch),
-                ('missing', len(self.missing), summarize_keys(self.missing)),
-                ('unexpected', len(self.unexpected), summarize_keys(self.unexpected))]
-        lines = []
-        for name, count, names in rows:
-            text = f"{name:<15}{count:>6}  "
-            sep = '; ' if name == 'shape mismatch' else ', '
-            lines.append(textwrap.fill(sep.join(names) or '-', width=110, initial_indent=text,
-                                       subsequent_indent=' ' * len(text), break_on_hyphens=False))
-        if self.unused_patterns:
-            lines.append(f"WARNING: ignore patterns that matched no checkpoint key: {', '.join(self.unused_patterns)}")
-        return '\n'.join(lines)
-
-
-def summarize_keys(keys: Sequence[str], limit: int = 8) -> List[str]:
-    """Shorten a long key list to at most ~limit entries like 'transformer.decoder.layers.* (54 keys)'.
-
-    Keys are grouped by their first few dotted components, using the deepest grouping that still
-    fits in limit entries.
-    """
-    if len(keys) <= limit:
-        return list(keys)
-    depth = 1
-    while len({_prefix(k, depth + 1) for k in keys}) <= limit and depth < max(k.count('.') for k in keys):
-        depth += 1
-    groups = defaultdict(list)
-    for key in keys:
-        groups[_prefix(key, depth)].append(key)
-    return [members[0] if len(members) == 1 else f"{prefix}.* ({len(members)} keys)"
-            for prefix, members in groups.items()]
-
-
-def _prefix(key: str, depth: int) -> str:
-    parts = key.split('.')
-    return '.'.join(parts[:depth]) if len(parts) > depth else key
-
-
-def load_model_weights(model: torch.nn.Module, state_dict: dict, ignore_patterns: Sequence[str] = ()) -> LoadReport:
-    """Load what fits from state_dict into model and report everything that did not.
-
-    Keys containing an ignore pattern and keys whose shape differs from the model's (e.g. a new
-    num_classes) are skipped rather than failing the load.
-    """
-    model_tensors = model.state_dict(keep_vars=True)
-    report = LoadReport()
-    used_patterns = set()
-    to_load = {}
-    for key, value in strip_module_prefix(state_dict).items():
-        hits = [p for p in ignore_patterns if p in key]
-        if hits:
-            used_patterns.update(hits)
-            report.ignored.append(key)
-        elif key not in model_tensors:
-            report.unexpected.append(key)
-        elif isinstance(value, torch.Tensor) and value.shape != model_tensors[key].shape:
-            report.shape_mismatch.append((key, tuple(value.shape), tuple(model_tensors[key].shape)))
-        else:
-            to_load[key] = value
-    result = model.load_state_dict(to_load, strict=False)
-
-    # A tensor registered under several names (shared heads) counts as handled if any of its names was.
-    handled = set(to_load) | set(report.ignored) | {k for k, _, _ in report.shape_mismatch}
-    handled_ids = {id(model_tensors[k]) for k in handled if k in model_tensors}
-    report.missing = [k for k in result.missing_keys if id(model_tensors[k]) not in handled_ids]
-    report.loaded = list(to_load)
-    report.unused_patterns = [p for p in ignore_patterns if p not in used_patterns]
-    return report
-
-
-# ---------------------------------------------------------------------------------------------
-# Random number generators
-
-def capture_rng_state() -> Dict[str, object]:
-    """Every RNG a training step draws from, as tensors and plain values (loadable with weights_only)."""
-    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    state = {
-        'python': random.getstate(),
-        'numpy': {'kind': kind, 'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
-                  'has_gauss': int(has_gauss), 'cached_gaussian': float(cached_gaussian)},
-        'torch': torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: Dict[str, object]):
-    """Undo capture_rng_state: later draws repeat the ones that followed the capture."""
-    version, internal, gauss_next = state['python']
-    random.setstate((version, tuple(internal), gauss_next))
-    np_state = state['numpy']
-    np.random.set_state((np_state['kind'], np_state['keys'].cpu().numpy().astype(np.uint32), np_state['pos'],
-                         np_state['has_gauss'], np_state['cached_gaussian']))
-    torch.set_rng_state(state['torch'].cpu())
-    cuda_states = state.get('cuda', [])
-    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if len(cuda_states) != available:
-        logger.warning("checkpoint has RNG state for %d CUDA device(s) but %d are visible; restoring the "
-                       "first %d", len(cuda_states), available, min(len(cuda_states), available))
-    for index, cuda_state in enumerate(cuda_states[:available]):
-        torch.cuda.set_rng_state(cuda_state.cpu(), index)
-
-
-# ---------------------------------------------------------------------------------------------
-# Training checkpoints and resume decisions (used by main.py, engine hooks and the SLURM launcher)
-
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: 'origin', 'eval_pending', 'epoch_time'
 LATEST = 'checkpoint.pth'
 _NUMBERED = re.compile(r'checkpoint(\d{4})\.pth$')
-
-# Changing one of these makes the checkpoint's weights meaningless for the new model.
-ARCHITECTURE_KEYS = ('modelname', 'backbone', 'backbone_norm', 'return_interm_indices', 'dilation', 'hidden_dim',
-                     'nheads', 'num_queries', 'enc_layers', 'dec_layers', 'dim_feedforward',
-                     'transformer_activation', 'num_feature_levels', 'enc_n_points', 'dec_n_points', 'num_classes',
-                     'dn_labelbook_size')
-# Changing one of these is allowed on resume but worth a line in the log.
-HYPERPARAMETER_KEYS = ('lr', 'lr_backbone', 'weight_decay', 'batch_size', 'lr_scheduler', 'lr_drop', 'lr_drop_list',
-                       'clip_max_norm', 'epochs', 'use_ema', 'ema_decay', 'amp', 'seed', 'dataset_file', 'coco_path')
+_TEMPORARY = re.compile(r'^\..+\.tmp-\d+$')  # util.misc.atomic_write's temporary files
 
 
 def plain_args(args) -> dict:
@@ -278,46 +132,12 @@ def plain_args(args) -> dict:
             if k != 'config' and isinstance(v, (int, float, str, bool, list, tuple, dict, type(None)))}
 
 
-def resolve_resume(resume: str, output_dir: str, auto_resume: bool) -> Tuple[str, dict, str]:
-    """Pick the checkpoint to resume from: (path, checkpoint, how) or ('', {}, reason).
-
-    An explicit --resume always wins and a broken one is fatal. Auto-resume reads output_dir/checkpoint.pth
-    and, if it is damaged, falls back to the newest intact checkpoint*.pth there, saying so.
-    """
-    if resume:
-        return resume, load_checkpoint(resume), 'explicit --resume'
-    latest = os.path.join(output_dir, LATEST) if output_dir else ''
-    if not auto_resume or not latest or not os.path.exists(latest):
-        return '', {}, 'starting from scratch' if auto_resume else 'auto-resume disabled'
-    candidates = [latest] + sorted((os.path.join(output_dir, f) for f in os.listdir(output_dir) if _NUMBERED.match(f)),
-                                   key=os.path.getmtime, reverse=True)
-    for path in candidates:
-        try:
-            checkpoint = load_checkpoint(path)
-        except CheckpointError as e:
-            logger.warning("auto-resume: %s", e)
-            continue
-        how = 'auto-resume' if path == latest else f'auto-resume fell back to {os.path.basename(path)}, ' \
-                                                   f'the newest intact checkpoint'
-        return path, checkpoint, how
-    raise CheckpointError(f"every checkpoint in {output_dir} is damaged; move them away to start from scratch, "
-                          "or pass --no_auto_resume")
-
-
-def architecture_differences(saved: dict, current: dict) -> List[str]:
-    return [f"{k}: checkpoint {saved[k]!r} vs now {current.get(k)!r}" for k in ARCHITECTURE_KEYS
-            if k in saved and saved[k] != current.get(k)]
-
-
-def hyperparameter_changes(saved: dict, current: dict) -> List[str]:
-    return [f"{k}: {saved[k]!r} -> {current.get(k)!r}" for k in HYPERPARAMETER_KEYS
-            if k in saved and saved[k] != current.get(k)]
-
-
 def training_state(model, optimizer, lr_scheduler, scaler, ema, *, epoch: int, iteration: int, iterations: int,
-                   args, best: dict, meters: dict, rng_states: list, categories: list = ()) -> dict:
+                   args, best: dict, meters: dict, rng_states: list, origin: dict, categories: list = (),
+                   eval_pending: bool = False, epoch_time: float = 0.0) -> dict:
     """Everything needed to continue exactly. `epoch` is the last completed epoch (DINO's convention) and
-    `iteration` the steps already done in epoch + 1 (0 at an epoch boundary)."""
+    `iteration` the steps already done in epoch + 1 (0 at an epoch boundary). `eval_pending`: epoch `epoch`
+    is trained but not yet evaluated; `meters` then holds its loss sums and `epoch_time` its training time."""
     state = {
         'model': model.state_dict(),
         'optimizer': optimizer.state_dict(),
@@ -330,10 +150,14 @@ def training_state(model, optimizer, lr_scheduler, scaler, ema, *, epoch: int, i
         'data_order': {'seed': args.seed, 'world_size': getattr(args, 'world_size', 1), 'batch_size': args.batch_size,
                        'samples_done_per_rank': iteration * args.batch_size},
         'args': plain_args(args),
+        # The starting point of the run that wrote this file (util/resume.py): a rerun of the same command continues it.
+        'origin': dict(origin),
         # The training set's [{'id', 'name'}], so a checkpoint alone can name what it detects.
         'categories': list(categories),
         'best': dict(best),
         'meters': meters,
+        'eval_pending': eval_pending,
+        'epoch_time': epoch_time,
         'rng': rng_states,
         'format_version': FORMAT_VERSION,
         'torch_version': str(torch.__version__),
@@ -345,10 +169,29 @@ def training_state(model, optimizer, lr_scheduler, scaler, ema, *, epoch: int, i
     return state
 
 
+def ema_weights_state(state: dict, ema) -> dict:
+    """checkpoint_best_ema.pth: the EMA weights as 'model' (as the official code saves them) and no optimizer,
+    so --eval, fine-tuning and the tools use the EMA model and a --resume of it loads weights only."""
+    keep = ('epoch', 'args', 'origin', 'categories', 'best', 'format_version', 'torch_version')
+    return {'model': ema.module.state_dict(), 'model_is_ema': True, **{k: state[k] for k in keep}}
+
+
 def save_numbered(state: dict, output_dir: str, epoch: int, keep: int) -> None:
     """checkpoint{epoch:04d}.pth, then drop the oldest numbered ones beyond `keep` (0 keeps all)."""
     atomic_save(state, os.path.join(output_dir, f'checkpoint{epoch:04d}.pth'))
     if keep > 0:
-        numbered = sorted(f for f in os.listdir(output_dir) if _NUMBERED.match(f))
-        for name in numbered[:-keep]:
+        for name in numbered_checkpoints(output_dir)[:-keep]:
             os.remove(os.path.join(output_dir, name))
+
+
+def numbered_checkpoints(output_dir: str) -> List[str]:
+    """checkpoint{epoch:04d}.pth names in output_dir, oldest epoch first."""
+    return sorted(f for f in os.listdir(output_dir) if _NUMBERED.match(f))
+
+
+def remove_stale_temporary_files(output_dir: str) -> List[str]:
+    """Temporary files of saves that a kill interrupted; call only while holding output_dir's lock."""
+    stale = [f for f in os.listdir(output_dir) if _TEMPORARY.match(f)]
+    for name in stale:
+        os.remove(os.path.join(output_dir, name))
+    return stale

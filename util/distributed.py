@@ -37,6 +37,14 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when flag is True on at least one: ranks agree before one of them raises."""
+    if not is_dist_avail_and_initialized():
+        return flag
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0)
+
+
 def all_gather_object(obj) -> list:
     if not is_dist_avail_and_initialized():
         return [obj]

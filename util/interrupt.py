@@ -1,8 +1,6 @@
 """Turn SIGTERM/SIGINT/SIGUSR1/SIGUSR2 into a request to save and stop at the next iteration boundary."""
 import signal
 
-import torch
-
 from util import distributed as dist_utils
 
 EXIT_INTERRUPTED = 3  # saved checkpoint.pth after a stop signal; rerun the same command to resume
@@ -37,7 +35,13 @@ def previous_handler(signum: int):
     return _state["previous"].get(signum)
 
 
-def stop_requested(device="cpu") -> bool:
+def stop_requested() -> bool:
     """True on every rank as soon as any rank got a signal, so all ranks stop at the same iteration."""
-    flag = torch.tensor([1.0 if _state["signal"] is not None else 0.0], device=device)
-    return bool(dist_utils.all_reduce_sum(flag).item() > 0) if dist_utils.get_world_size() > 1 else bool(flag.item())
+    return dist_utils.any_rank(_state["signal"] is not None)
+
+
+def ignore_in_worker(_worker_id: int) -> None:
+    """DataLoader worker_init_fn: SLURM and `timeout` signal the whole process group, and a worker that died of
+    it would turn a clean save-and-stop into a crash. Workers leave stopping to the main process."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

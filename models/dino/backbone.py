@@ -75,7 +75,8 @@ def build_timm(name: str, return_interm_indices: List[int]) -> Backbone:
 
 def _load_backbone_weights(resnet: nn.Module, path: str) -> None:
     """Load a local torchvision-format ResNet state_dict; nothing is ever downloaded."""
-    from util.checkpoint import load_checkpoint, load_model_weights
+    from util.checkpoint import load_checkpoint
+    from util.weights import load_model_weights
 
     report = load_model_weights(resnet, load_checkpoint(path)["model"], ignore_patterns=("fc.",))
     missing = [k for k in report.missing if not k.startswith("fc.")]

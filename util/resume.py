@@ -1,0 +1,314 @@
+"""The resume policy: where a run starts, what it restores, and how the log explains it.
+
+The rule: rerunning the command of an interrupted run continues that run. A run is its output_dir plus its
+starting point (--resume or --pretrain_model_path, --finetune_ignore, --start_epoch), which every checkpoint
+records as 'origin'. When output_dir holds a checkpoint written from the same starting point, it wins over
+the explicit source; a different starting point, or --no_auto_resume, starts over.
+"""
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+
+from util import distributed as dist_utils
+from util.checkpoint import (LATEST, CheckpointError, CheckpointWriteError, atomic_save, ema_weights_state,
+                             load_checkpoint, numbered_checkpoints, training_state, save_numbered)
+from util.rng import capture_rng_state, restore_rng_state
+from util.weights import load_model_weights
+
+logger = logging.getLogger("dino.resume")
+
+# Changing one of these makes the checkpoint's weights, or its optimizer state, meaningless for the new model.
+ARCHITECTURE_KEYS = ('modelname', 'backbone', 'backbone_norm', 'return_interm_indices', 'dilation', 'hidden_dim',
+                     'nheads', 'num_queries', 'enc_layers', 'dec_layers', 'dim_feedforward',
+                     'transformer_activation', 'num_feature_levels', 'enc_n_points', 'dec_n_points', 'num_classes',
+                     'dn_labelbook_size', 'backbone_freeze_at', 'lr_backbone_names')
+# Changing one of these is allowed on resume but worth a line in the log.
+HYPERPARAMETER_KEYS = ('lr', 'lr_backbone', 'weight_decay', 'batch_size', 'lr_scheduler', 'lr_drop', 'lr_drop_list',
+                       'clip_max_norm', 'epochs', 'use_ema', 'ema_decay', 'amp', 'seed', 'dataset_file', 'coco_path')
+
+
+def architecture_differences(saved: dict, current: dict) -> List[str]:
+    return [f"{k}: checkpoint {saved[k]!r} vs now {current.get(k)!r}" for k in ARCHITECTURE_KEYS
+            if k in saved and saved[k] != current.get(k)]
+
+
+def hyperparameter_changes(saved: dict, current: dict) -> List[str]:
+    return [f"{k}: {saved[k]!r} -> {current.get(k)!r}" for k in HYPERPARAMETER_KEYS
+            if k in saved and saved[k] != current.get(k)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Deciding where to start
+
+def run_origin(args) -> dict:
+    """The starting point of this command: what a checkpoint records so that a rerun recognises its run."""
+    def absolute(path):
+        return os.path.abspath(path) if path else ""
+    return {"resume": absolute(args.resume), "pretrain_model_path": absolute(args.pretrain_model_path),
+            "finetune_ignore": sorted(args.finetune_ignore or []), "start_epoch": args.start_epoch}
+
+
+SCRATCH = {"resume": "", "pretrain_model_path": "", "finetune_ignore": [], "start_epoch": None}
+
+
+def describe_origin(origin: dict) -> str:
+    source = origin["resume"] or origin["pretrain_model_path"]
+    if source:
+        relative = os.path.relpath(source)
+        words = [f"from {source if relative.startswith('..') else relative}"]
+    else:
+        words = ["from scratch"]
+    if origin["finetune_ignore"]:
+        words.append("with --finetune_ignore " + " ".join(origin["finetune_ignore"]))
+    if origin["start_epoch"] is not None:
+        words.append(f"--start_epoch {origin['start_epoch']}")
+    return "started " + " ".join(words)
+
+
+@dataclass
+class Start:
+    """Where training starts: 'continue' (this run's own checkpoint), 'resume' (another run's full state),
+    'weights' (model weights only) or 'scratch'."""
+    kind: str
+    path: str = ""
+    checkpoint: dict = field(default_factory=dict)
+
+
+def choose_start(args) -> Start:
+    """Apply the rule above, logging the decision; a damaged explicit source is an error."""
+    origin = run_origin(args)
+    own = _newest_intact_checkpoint(args.output_dir) if args.output_dir else None
+    if own and args.no_auto_resume:
+        logger.warning("--no_auto_resume: starting over; the checkpoints in %s will be overwritten", args.output_dir)
+    elif own:
+        path, checkpoint = own
+        saved = checkpoint.get("origin", SCRATCH)  # files of format 1 record none: they came from plain runs
+        if saved == origin:
+            return Start("continue", path, checkpoint)
+        logger.warning("Starting over: the run in %s %s, but this command %s; its checkpoints will be overwritten",
+                       args.output_dir, describe_origin(saved), describe_origin(origin).replace("started", "starts", 1))
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume)
+        full = "optimizer" in checkpoint and not args.finetune_ignore
+        return Start("resume" if full else "weights", args.resume, checkpoint)
+    if args.pretrain_model_path:
+        return Start("weights", args.pretrain_model_path, load_checkpoint(args.pretrain_model_path))
+    return Start("scratch")
+
+
+def _newest_intact_checkpoint(output_dir: str):
+    """(path, checkpoint) of output_dir/checkpoint.pth, or of the newest intact numbered checkpoint if that one
+    is damaged (with a warning); None when there is none at all."""
+    if not os.path.isdir(output_dir):
+        return None
+    names = ([LATEST] if os.path.exists(os.path.join(output_dir, LATEST)) else []) + \
+        numbered_checkpoints(output_dir)[::-1]
+    for name in names:
+        path = os.path.join(output_dir, name)
+        try:
+            checkpoint = load_checkpoint(path)
+        except CheckpointError as e:
+            logger.warning("auto-resume: %s", e)
+            continue
+        if name != names[0]:
+            logger.warning("auto-resume fell back to %s, the newest intact checkpoint in %s", name, output_dir)
+        return path, checkpoint
+    if names:
+        raise CheckpointError(f"every checkpoint in {output_dir} is damaged; move them away to start from "
+                              "scratch, or pass --no_auto_resume")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Restoring
+
+@dataclass
+class Position:
+    """Where the training loop starts. `pending`: an epoch that was trained but not evaluated
+    ({'epoch', 'meters', 'epoch_time'}), to evaluate before training goes on."""
+    epoch: int = 0
+    iteration: int = 0
+    best: dict = field(default_factory=dict)
+    meters: dict = field(default_factory=dict)
+    scheduler_steps: int = 0
+    pending: Optional[dict] = None
+
+
+def restore(start: Start, state: "TrainState") -> Position:
+    if start.kind in ("continue", "resume"):
+        return _restore_full(start, state)
+    args = state.args
+    position = Position(epoch=args.start_epoch or 0)
+    position.scheduler_steps = position.epoch * (state.iterations if args.lr_scheduler == "onecycle" else 1)
+    if start.kind == "weights":
+        report = load_weights(state.model, start.path, start.checkpoint, args.finetune_ignore)
+        why = "--finetune_ignore" if args.finetune_ignore else "the checkpoint holds no optimizer state" \
+            if args.resume else "--pretrain_model_path"
+        logger.info("Loaded model weights only from %s (%s); optimizer and schedule start fresh at epoch %d:\n%s",
+                    start.path, why, position.epoch, report.format())
+    else:
+        logger.info("Training from scratch, epoch %d", position.epoch)
+    return position
+
+
+def load_weights(model, path: str, checkpoint: dict, ignore=None):
+    """Load what fits of the checkpoint's model weights; a checkpoint of which nothing fits is an error."""
+    report = load_model_weights(model, checkpoint["model"], ignore or ())
+    if not report.loaded:
+        raise CheckpointError(f"none of the {len(checkpoint['model'])} model tensors in {path} fit this model (other "
+                              "names or shapes): check that -c and --options describe the checkpoint's architecture")
+    return report
+
+
+def _restore_full(start: Start, state: "TrainState") -> Position:
+    """Continue a run exactly where its checkpoint stopped."""
+    checkpoint, path, args = start.checkpoint, start.path, state.args
+    saved_args = checkpoint.get("args") or {}
+    diffs = architecture_differences(saved_args, vars(args))
+    if diffs:
+        raise CheckpointError(f"{path} was trained with a different architecture ({'; '.join(diffs)}): use "
+                              "--pretrain_model_path (or --resume with --finetune_ignore) to fine-tune from it")
+    report = load_model_weights(state.model, checkpoint["model"])
+    if report.missing or report.unexpected or report.shape_mismatch:
+        raise CheckpointError(f"{path} does not fit the model built from the config ({len(report.missing)} missing, "
+                              f"{len(report.unexpected)} unexpected, {len(report.shape_mismatch)} mismatched keys, "
+                              f"e.g. {(report.missing + report.unexpected + [k for k, _, _ in report.shape_mismatch])[0]}): "
+                              "check that -c and --options describe the checkpoint's architecture")
+    position = Position(epoch=checkpoint["epoch"] + 1, iteration=checkpoint.get("iteration", 0),
+                        best=checkpoint.get("best") or {}, meters=checkpoint.get("meters") or {},
+                        scheduler_steps=checkpoint["lr_scheduler"]["last_epoch"])
+    _restore_optimizer(state.optimizer, checkpoint, path)
+    _apply_configured_lrs(state.optimizer, args)
+    if state.scaler is not None and "scaler" in checkpoint:
+        state.scaler.load_state_dict(checkpoint["scaler"])
+    if state.ema is not None:
+        if "ema_model" in checkpoint:
+            state.ema.load_state_dict(checkpoint["ema_model"])
+        else:
+            logger.warning("the checkpoint has no EMA weights: the EMA restarts from the current model")
+    if start.kind == "continue":
+        how = f"Continuing the interrupted run in {args.output_dir} ({describe_origin(checkpoint.get('origin', SCRATCH))})"
+    else:
+        how = f"Resuming training from {path}"
+    logger.info("%s: epoch %d, iteration %d of %d, to %d total epochs", how, position.epoch, position.iteration,
+                state.iterations, args.epochs)
+    for change in hyperparameter_changes(saved_args, vars(args)):
+        logger.info("  changed since the checkpoint: %s", change)
+    _restore_rng(checkpoint, position, saved_args, args)
+    if checkpoint.get("eval_pending"):
+        position.pending = {"epoch": checkpoint["epoch"], "meters": position.meters,
+                            "epoch_time": checkpoint.get("epoch_time", 0.0)}
+        position.meters = {}
+    if start.kind == "resume" and args.start_epoch is not None and args.start_epoch != position.epoch:
+        logger.info("  --start_epoch %d overrides the checkpoint's epoch %d", args.start_epoch, position.epoch)
+        position.epoch, position.iteration, position.meters, position.pending = args.start_epoch, 0, {}, None
+        position.scheduler_steps = position.epoch * (state.iterations if args.lr_scheduler == "onecycle" else 1)
+    return position
+
+
+def _restore_optimizer(optimizer, checkpoint: dict, path: str) -> None:
+    """The optimizer state is positional: load it only when every saved tensor has its parameter's shape."""
+    saved = checkpoint["optimizer"]
+    if _optimizer_fits(optimizer, saved):
+        optimizer.load_state_dict(saved)
+        return
+    if "format_version" in checkpoint:
+        raise CheckpointError(f"the optimizer state in {path} does not fit this model's parameters: check that -c "
+                              "and --options describe the checkpoint's model")
+    logger.warning("the optimizer state in %s (written by another trainer) does not fit this model's parameter "
+                   "order: the optimizer starts fresh; weights, epoch and schedule are restored", path)
+
+
+def _optimizer_fits(optimizer, saved: dict) -> bool:
+    groups = saved.get("param_groups", [])
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
+        return False
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    ids = [i for g in groups for i in g["params"]]
+    for param, index in zip(params, ids):
+        for value in saved.get("state", {}).get(index, {}).values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                return False
+    return True
+
+
+def _apply_configured_lrs(optimizer, args) -> None:
+    """A loaded optimizer carries the old run's lr and weight decay; the current config's win (and are
+    logged as changed), so changing lr on resume is never silently ignored."""
+    for group, lr in zip(optimizer.param_groups, (args.lr, args.lr_backbone)):
+        group["lr"] = group["initial_lr"] = lr
+        group["weight_decay"] = args.weight_decay
+
+
+def _restore_rng(checkpoint: dict, position: Position, saved_args: dict, args) -> None:
+    world_size = dist_utils.get_world_size()
+    same_layout = saved_args.get("world_size", 1) == world_size and saved_args.get("batch_size") == args.batch_size
+    if position.iteration and not same_layout:
+        logger.warning("  the checkpoint stopped mid-epoch with %s process(es) x batch %s; now %d x %d: the data "
+                       "order differs, so epoch %d restarts from its first iteration", saved_args.get("world_size", 1),
+                       saved_args.get("batch_size"), world_size, args.batch_size, position.epoch)
+        position.iteration, position.meters = 0, {}
+    rng = checkpoint.get("rng") or []
+    if len(rng) == world_size:
+        restore_rng_state(rng[dist_utils.get_rank()])
+    elif rng:
+        logger.warning("  RNG states were saved for %d process(es), now %d: random draws will differ from an "
+                       "uninterrupted run", len(rng), world_size)
+
+
+def position_scheduler(scheduler, steps: int) -> None:
+    """Put a fresh schedule where an uninterrupted run would be after `steps` steps: the same float
+    operations in the same order, so the lr is bit-identical."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "scheduler.step() before optimizer.step()": intended
+        for _ in range(steps):
+            scheduler.step()
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+@dataclass
+class TrainState:
+    """What a training checkpoint captures, and the facts of the run it records beside it."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: Optional[torch.amp.GradScaler]
+    ema: Optional[torch.nn.Module]
+    args: object
+    iterations: int
+    categories: list
+    origin: dict
+    scheduler: object = None
+
+    def save(self, names, *, epoch: int, iteration: int, best: dict, meters: dict, eval_pending: bool = False,
+             epoch_time: float = 0.0) -> None:
+        """Every rank contributes its RNG state; rank 0 writes each name atomically; if that fails, every
+        rank raises, so none waits for a partner that stopped."""
+        rng = dist_utils.all_gather_object(capture_rng_state())
+        error = None
+        if dist_utils.is_main_process() and self.args.output_dir:
+            try:
+                self._write(names, training_state(
+                    self.model, self.optimizer, self.scheduler, self.scaler, self.ema, epoch=epoch,
+                    iteration=iteration, iterations=self.iterations, args=self.args, best=best, meters=meters,
+                    rng_states=rng, origin=self.origin, categories=self.categories, eval_pending=eval_pending,
+                    epoch_time=epoch_time))
+            except CheckpointWriteError as e:
+                error = e
+        if dist_utils.any_rank(error is not None):
+            raise error or CheckpointWriteError("rank 0 could not write a checkpoint (its log says why)")
+
+    def _write(self, names, state: dict) -> None:
+        output_dir = self.args.output_dir
+        for name in names:
+            if name.startswith("checkpoint0"):
+                save_numbered(state, output_dir, state["epoch"], self.args.keep_checkpoints)
+            elif name == "checkpoint_best_ema.pth":
+                atomic_save(ema_weights_state(state, self.ema), os.path.join(output_dir, name))
+            else:
+                atomic_save(state, os.path.join(output_dir, name))

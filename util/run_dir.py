@@ -1,0 +1,74 @@
+"""The output_dir of a run: one run at a time (a lock a killed run cannot leave stuck) and log.txt."""
+import fcntl
+import json
+import logging
+import os
+import time
+
+from util.misc import atomic_write
+
+logger = logging.getLogger("dino.run_dir")
+
+LOCK = ".lock"
+LOG = "log.txt"
+
+
+class OutputDirBusy(RuntimeError):
+    """Another live process holds output_dir."""
+
+
+def lock(output_dir: str):
+    """Hold output_dir for this process's lifetime. The kernel drops an flock when its holder dies, however it
+    dies, so a killed run never leaves the directory locked. Returns the open file (keep a reference)."""
+    path = os.path.join(output_dir, LOCK)
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise OutputDirBusy(f"{output_dir} is in use by another run ({holder}); wait for it to end, or choose "
+                            "another --output_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {os.uname().nodename}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return handle
+
+
+def _records(path: str):
+    """(line, record) pairs of log.txt; a line a kill tore apart is skipped with a warning, never fatal."""
+    if not os.path.exists(path):
+        return []
+    pairs = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                logger.warning("%s line %d is not valid JSON (cut off by a kill?): dropped", path, number)
+                continue
+            if isinstance(record, dict):
+                pairs.append((line if line.endswith("\n") else line + "\n", record))
+    return pairs
+
+
+def read_log(output_dir: str) -> list:
+    """log.txt's epoch records."""
+    return [record for _, record in _records(os.path.join(output_dir, LOG))]
+
+
+def truncate_log(output_dir: str, first_epoch: int) -> None:
+    """Keep only the records of epochs before first_epoch: the later ones will be written again."""
+    path = os.path.join(output_dir, LOG)
+    if os.path.exists(path):
+        kept = "".join(line for line, record in _records(path) if record.get("epoch", -1) < first_epoch)
+        atomic_write(path, lambda f: f.write(kept.encode()))
+
+
+def append_log(output_dir: str, record: dict) -> None:
+    with open(os.path.join(output_dir, LOG), "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
