@@ -31,9 +31,14 @@ def _images(*sizes, seed=0):
     return nested_tensor_from_tensor_list([torch.randn(3, h, w, generator=g) for h, w in sizes])
 
 
-def test_official_dino_4scale_r50_state_dict_matches_reference():
+@pytest.fixture(scope="module")
+def official_model():
+    return build_model(official_args())[0]
+
+
+def test_official_dino_4scale_r50_state_dict_matches_reference(official_model):
     reference = json.loads(REFERENCE.read_text())
-    model, _, _ = build_model(official_args())
+    model = official_model
     ours = {k: list(v.shape) for k, v in model.state_dict().items()}
     expected = {k: shape for k, shape, _ in reference["state_dict"]}
     assert ours == expected
@@ -46,6 +51,20 @@ def test_official_dino_4scale_r50_state_dict_matches_reference():
     for group in reference["alias_groups"]:
         assert all(sd[k].data_ptr() == sd[group[0]].data_ptr() for k in group)
     assert model.load_state_dict(sd, strict=True)
+
+
+def test_official_key_and_parameter_order(official_model):
+    """Optimizer states are positional (param groups built from named_parameters()): an official optimizer
+    state only lines up if the parameters come in the official order."""
+    reference = json.loads(REFERENCE.read_text())
+    official_keys = [k for k, _, _ in reference["state_dict"]]
+    assert list(official_model.state_dict()) == official_keys
+    later_aliases = {k for group in reference["alias_groups"] for k in group[1:]}
+    parameter_names = {n for n, _ in official_model.named_parameters(remove_duplicate=False)}
+    expected = [k for k in official_keys if k in parameter_names and k not in later_aliases]
+    assert [n for n, _ in official_model.named_parameters()] == expected
+    # the shared heads come first under transformer.decoder.*; their top-level aliases are skipped
+    assert expected[0] == "transformer.level_embed" and expected[-1].startswith("backbone.0.body.layer4.")
 
 
 def test_train_outputs_have_every_part_with_the_right_shapes():

@@ -47,6 +47,9 @@ transformer_activation = "relu"
 num_feature_levels = 4
 enc_n_points = 4
 dec_n_points = 4
+# Query selection from the encoder: False (official) takes the top num_queries tokens by class score, tokens
+# in the padding or whose anchor leaves (0.01, 0.99) included (their boxes start at 1.0); True excludes those.
+two_stage_mask_invalid = False
 
 # denoising
 use_dn = True
