@@ -1,5 +1,6 @@
-"""build_model(args) -> (model, criterion, postprocessors), the entry point main.py and the tools use."""
-from .dino.backbone import build_backbone
+"""build_model(args) -> (model, criterion, postprocessors), the entry point main.py and the tools use;
+load_pretrained_backbone(model, spec) fills the backbone with ImageNet or local weights (training from scratch)."""
+from .dino.backbone import build_backbone, load_pretrained_backbone
 from .dino.criterion import SetCriterion, build_weight_dict
 from .dino.dino import DINO
 from .dino.matcher import HungarianMatcher

@@ -211,16 +211,3 @@ def test_cdn_queries_positive_negative_layout():
     assert (dn["query_label"][1, 1] == 0).all()  # image 1 has one box: slot 1 is padding
     assert prepare_for_cdn([{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}], 4, 0.5, 0.4,
                            5, 10, 8, emb) is None
-
-
-def test_backbone_weights_load_from_a_local_file(tmp_path):
-    import torchvision
-    reference = torchvision.models.resnet18(weights=None)
-    torch.save(reference.state_dict(), tmp_path / "r18.pth")
-    model, _, _ = build_model(tiny_args(backbone_weights=str(tmp_path / "r18.pth")))
-    body = model.backbone[0].body
-    assert torch.equal(body.conv1.weight, reference.conv1.weight)
-    assert torch.equal(body.layer3[1].conv2.weight, reference.layer3[1].conv2.weight)
-    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
-    with pytest.raises(ValueError, match="does not fit the backbone"):
-        build_model(tiny_args(backbone_weights=str(tmp_path / "wrong.pth")))
