@@ -19,7 +19,7 @@ import util.checkpoint as ckpt
 from datasets import build_dataset, get_coco_api_from_dataset
 from datasets.sampler import ResumableSampler
 from engine import Meters, NonFiniteLossError, evaluate, train_one_epoch
-from models import build_model
+from models import build_model, load_pretrained_backbone
 from util import distributed as dist_utils
 from util import interrupt, resume, run_dir
 from util.config import DictAction, dump_config, load_config, merge_config
@@ -191,13 +191,18 @@ def _claim_output_dir(args):
     return held
 
 
-def _refuse_frozen_random_backbone(model, args) -> None:
-    """Frozen stages with random weights never learn: the official recipe freezes ImageNet-trained ones."""
+def _initial_backbone(model, args) -> None:
+    """Training from scratch starts from backbone_weights (ImageNet, as the official recipe, or a local file).
+    Frozen stages with random weights would never learn, so they are refused."""
+    loaded = load_pretrained_backbone(model, args.backbone_weights)
+    if loaded:
+        logger.info(loaded)
+        return
     frozen = [n for n, p in model.backbone.named_parameters() if not p.requires_grad]
     if frozen and not args.backbone_weights:
         raise ValueError(f"backbone_freeze_at={args.backbone_freeze_at} freezes backbone stages whose weights are "
-                         f"random ({len(frozen)} tensors, e.g. {frozen[0]}) since no backbone_weights and no "
-                         "checkpoint were given: set backbone_weights=imagenet (or a local file), or "
+                         f"random ({len(frozen)} tensors, e.g. {frozen[0]}), since neither backbone_weights nor a "
+                         "checkpoint gives them: set backbone_weights=imagenet (or a local file), or "
                          "backbone_freeze_at=0 to train the whole backbone")
 
 
@@ -250,7 +255,7 @@ def main(args) -> int:
                               resume.run_origin(args))
     start = resume.choose_start(args)
     if start.kind == "scratch":
-        _refuse_frozen_random_backbone(model, args)
+        _initial_backbone(model, args)
     position = resume.restore(start, state)
     del start
     state.scheduler = _scheduler(optimizer, args, iterations)  # built now, so the current config's schedule wins

@@ -1,5 +1,6 @@
-"""build_model(args) -> (model, criterion, postprocessors), the entry point main.py and the tools use."""
-from .dino.backbone import build_backbone
+"""build_model(args) -> (model, criterion, postprocessors), the entry point main.py and the tools use;
+load_pretrained_backbone(model, spec) fills the backbone with ImageNet or local weights (training from scratch)."""
+from .dino.backbone import build_backbone, load_pretrained_backbone
 from .dino.criterion import SetCriterion, build_weight_dict
 from .dino.dino import DINO
 from .dino.matcher import HungarianMatcher
@@ -18,7 +19,8 @@ def build_model(args):
         d_model=args.hidden_dim, nhead=args.nheads, num_queries=args.num_queries,
         num_encoder_layers=args.enc_layers, num_decoder_layers=args.dec_layers,
         dim_feedforward=args.dim_feedforward, dropout=args.dropout, activation=args.transformer_activation,
-        num_feature_levels=args.num_feature_levels, enc_n_points=args.enc_n_points, dec_n_points=args.dec_n_points)
+        num_feature_levels=args.num_feature_levels, enc_n_points=args.enc_n_points, dec_n_points=args.dec_n_points,
+        two_stage_mask_invalid=args.two_stage_mask_invalid)
     model = DINO(backbone, transformer, num_classes=args.num_classes, num_queries=args.num_queries,
                  num_feature_levels=args.num_feature_levels, dn_number=args.dn_number if args.use_dn else 0,
                  dn_label_noise_ratio=args.dn_label_noise_ratio, dn_box_noise_scale=args.dn_box_noise_scale,

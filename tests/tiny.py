@@ -5,9 +5,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = dict(backbone="resnet18", backbone_norm="bn", backbone_freeze_at=0, hidden_dim=32, nheads=4,
-            num_queries=20, enc_layers=1, dec_layers=2, dim_feedforward=64, num_classes=5, dn_labelbook_size=5,
-            dn_number=6, num_select=30)
+TINY = dict(backbone="resnet18", backbone_weights=None, backbone_norm="bn", backbone_freeze_at=0, hidden_dim=32,
+            nheads=4, num_queries=20, enc_layers=1, dec_layers=2, dim_feedforward=64, num_classes=5,
+            dn_labelbook_size=5, dn_number=6, num_select=30)
 
 
 def official_args(**overrides) -> argparse.Namespace:

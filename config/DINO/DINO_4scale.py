@@ -26,7 +26,10 @@ use_tensorboard = False
 
 # backbone
 backbone = "resnet50"  # resnet18/34/50/101 or timm:<model name>
-backbone_weights = None  # local torchvision-format state_dict; nothing is downloaded
+# Starting weights when training from scratch (a checkpoint supplies its own): "imagenet" = torchvision's
+# IMAGENET1K_V1 ResNet weights as the official DINO, downloaded once into $TORCH_HOME/hub/checkpoints;
+# or the path of a torchvision-format state_dict; or None (random).
+backbone_weights = "imagenet"
 backbone_freeze_at = 2  # frozen stages: 0 none, 1 stem, 2 stem + layer1 (official), ...
 backbone_norm = "frozen_bn"  # frozen_bn | bn | gn
 return_interm_indices = [1, 2, 3]
@@ -47,6 +50,9 @@ transformer_activation = "relu"
 num_feature_levels = 4
 enc_n_points = 4
 dec_n_points = 4
+# Query selection from the encoder: False (official) takes the top num_queries tokens by class score, tokens
+# in the padding or whose anchor leaves (0.01, 0.99) included (their boxes start at 1.0); True excludes those.
+two_stage_mask_invalid = False
 
 # denoising
 use_dn = True

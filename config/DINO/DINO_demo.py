@@ -12,6 +12,7 @@ data_aug_scales2_resize = None
 data_aug_val_size = 128
 
 backbone = "resnet18"
+backbone_weights = None  # trained from scratch
 backbone_norm = "bn"  # trainable BN and stem: training from scratch, no pretrained weights
 backbone_freeze_at = 0
 return_interm_indices = [1, 2]  # C3, C4 + two extra levels: layer4 never runs (measured 18% faster per step)

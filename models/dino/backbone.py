@@ -1,6 +1,7 @@
 """ResNet (torchvision) or timm backbones returning padded multi-level features, as DINO's `backbone.0`."""
-import logging
+import os
 from typing import List, Optional
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -10,8 +11,6 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d
 
 from util.misc import NestedTensor
-
-logger = logging.getLogger("dino.models")
 
 RESNET_STAGES = ["conv1", "layer1", "layer2", "layer3", "layer4"]  # stage k is frozen when backbone_freeze_at > k
 
@@ -29,8 +28,9 @@ def _norm_layer(kind: str):
 class Backbone(nn.Module):
     """Runs `body` and returns one NestedTensor per selected level, with the image mask resized to it."""
 
-    def __init__(self, body: nn.Module, num_channels: List[int], strides: List[int]):
+    def __init__(self, name: str, body: nn.Module, num_channels: List[int], strides: List[int]):
         super().__init__()
+        self.name = name
         self.body = body
         self.num_channels = num_channels
         self.strides = strides
@@ -45,12 +45,10 @@ class Backbone(nn.Module):
         return out
 
 
-def build_resnet(name: str, return_interm_indices: List[int], freeze_at: int, norm: str, dilation: bool,
-                 weights_path: Optional[str]) -> Backbone:
+def build_resnet(name: str, return_interm_indices: List[int], freeze_at: int, norm: str, dilation: bool) -> Backbone:
+    """A randomly initialised ResNet; load_pretrained_backbone fills it when training starts from scratch."""
     resnet = getattr(torchvision.models, name)(weights=None, norm_layer=_norm_layer(norm),
                                                replace_stride_with_dilation=[False, False, dilation])
-    if weights_path:
-        _load_backbone_weights(resnet, weights_path)
     frozen = tuple(RESNET_STAGES[:freeze_at]) + (("bn1",) if freeze_at >= 1 else ())
     for param_name, param in resnet.named_parameters():
         if param_name.split(".")[0] in frozen:
@@ -62,7 +60,7 @@ def build_resnet(name: str, return_interm_indices: List[int], freeze_at: int, no
     strides = [4 * 2 ** i for i in return_interm_indices]
     if dilation:
         strides[-1] //= 2
-    return Backbone(body, num_channels, strides)
+    return Backbone(name, body, num_channels, strides)
 
 
 def build_timm(name: str, return_interm_indices: List[int]) -> Backbone:
@@ -70,19 +68,60 @@ def build_timm(name: str, return_interm_indices: List[int]) -> Backbone:
 
     body = timm.create_model(name, pretrained=False, features_only=True, out_indices=tuple(return_interm_indices))
     info = body.feature_info
-    return Backbone(body, list(info.channels()), list(info.reduction()))
+    return Backbone(f"timm:{name}", body, list(info.channels()), list(info.reduction()))
 
 
-def _load_backbone_weights(resnet: nn.Module, path: str) -> None:
-    """Load a local torchvision-format ResNet state_dict; nothing is ever downloaded."""
-    from util.checkpoint import load_checkpoint
-    from util.weights import load_model_weights
+def load_pretrained_backbone(model: nn.Module, spec: Optional[str]) -> Optional[str]:
+    """Fill the detector's backbone (model.backbone[0]) before training from scratch; a checkpoint would
+    replace these weights, so it is not called then. spec: None keeps the random initialisation, "imagenet"
+    takes torchvision's IMAGENET1K_V1 weights for the ResNet (as the official DINO; downloaded once into the
+    torch hub cache under $TORCH_HOME), anything else is the path of a torchvision-format state_dict.
+    Returns a line for the log, or None."""
+    if not spec:
+        return None
+    backbone = model.backbone[0]
+    if spec == "imagenet":
+        state_dict, source = _imagenet_state_dict(backbone.name)
+    else:
+        from util.checkpoint import load_checkpoint
 
-    report = load_model_weights(resnet, load_checkpoint(path)["model"], ignore_patterns=("fc.",))
-    missing = [k for k in report.missing if not k.startswith("fc.")]
-    if missing or report.shape_mismatch or report.unexpected:
-        raise ValueError(f"backbone_weights {path} does not fit the backbone:\n{report.format()}")
-    logger.info("Loaded backbone weights from %s (%d tensors)", path, len(report.loaded))
+        state_dict, source = load_checkpoint(spec)["model"], spec
+    count = _load_into(backbone.body, state_dict, source)
+    return f"Loaded backbone weights from {source} ({count} tensors)"
+
+
+def _imagenet_state_dict(name: str):
+    if not name.startswith("resnet"):
+        raise ValueError(f"backbone_weights=imagenet is available for torchvision's resnet18/34/50/101, not {name}; "
+                         "set backbone_weights=/path/to/file.pth or None")
+    weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(weights.url).path))
+    existed = os.path.exists(cached)
+    try:
+        state_dict = weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
+    except Exception as e:  # no network (URLError), a failed hash check, an unwritable cache, a damaged file...
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        problem = (f"could not be read from {cached} ({cause}); delete that file to download it again"
+                   if existed else f"could not be downloaded ({cause}); put the file at {cached}")
+        raise ValueError(f"backbone_weights=imagenet: the {weights} weights {problem} "
+                         "or set backbone_weights=/path/to/file.pth") from None
+    return state_dict, f"{cached} ({weights})"
+
+
+def _load_into(body: nn.Module, state_dict: dict, source: str) -> int:
+    """Load a whole-network state_dict into the feature extractor. Modules it does not run (fc, stages after
+    the last returned one) and BatchNorm counters that frozen BN lacks are skipped; anything else that does
+    not fit is an error. Returns the number of tensors loaded."""
+    from util.weights import load_model_weights, strip_module_prefix
+
+    own = body.state_dict()
+    children = {name for name, _ in body.named_children()}
+    kept = {k: v for k, v in strip_module_prefix(state_dict).items()
+            if k.split(".")[0] in children and (k in own or not k.endswith("num_batches_tracked"))}
+    report = load_model_weights(body, kept)
+    if report.missing or report.shape_mismatch or report.unexpected:
+        raise ValueError(f"backbone_weights {source} does not fit the backbone:\n{report.format()}")
+    return len(report.loaded)
 
 
 class Joiner(nn.Sequential):
@@ -105,8 +144,7 @@ def build_backbone(args) -> Joiner:
     if args.backbone.startswith("timm:"):
         backbone = build_timm(args.backbone[len("timm:"):], indices)
     elif args.backbone.startswith("resnet"):
-        backbone = build_resnet(args.backbone, indices, args.backbone_freeze_at, args.backbone_norm,
-                                args.dilation, args.backbone_weights)
+        backbone = build_resnet(args.backbone, indices, args.backbone_freeze_at, args.backbone_norm, args.dilation)
     else:
         raise ValueError(f"unknown backbone {args.backbone!r}: use resnet18/34/50/101 or timm:<model name>")
     if args.position_embedding != "sine":

@@ -1,13 +1,13 @@
 """The DINO detector: backbone -> input projections -> deformable transformer -> shared prediction heads."""
 import copy
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from util.misc import NestedTensor, inverse_sigmoid
+from util.misc import NestedTensor, inverse_sigmoid, nested_tensor_from_tensor_list
 from .denoising import prepare_for_cdn
 from .layers import MLP
 
@@ -24,10 +24,13 @@ class DINO(nn.Module):
         self.num_feature_levels = num_feature_levels
         self.dn_number, self.dn_label_noise_ratio, self.dn_box_noise_scale = (
             dn_number, dn_label_noise_ratio, dn_box_noise_scale)
-        self.label_enc = nn.Embedding(dn_labelbook_size + 1, hidden)
-        self.backbone = backbone
+        # Registration order = the official one (transformer, label_enc, input_proj, backbone, heads): the
+        # state_dict and named_parameters() list the same keys in the same order, so positional optimizer
+        # states (param groups built from named_parameters()) line up with the official model's.
         self.transformer = transformer
+        self.label_enc = nn.Embedding(dn_labelbook_size + 1, hidden)
         self.input_proj = self._input_projections(backbone.num_channels, hidden, num_feature_levels)
+        self.backbone = backbone
 
         class_embed = nn.Linear(hidden, num_classes)
         bbox_embed = MLP(hidden, hidden, 4, 3)
@@ -69,8 +72,11 @@ class DINO(nn.Module):
             positions.append(self.backbone[1](NestedTensor(src, mask)).to(src.dtype))
         return srcs, masks, positions
 
-    def forward(self, samples: NestedTensor, targets: Optional[List[Dict[str, Tensor]]] = None):
-        srcs, masks, positions = self._multi_level_inputs(samples)
+    def forward(self, samples: Union[NestedTensor, Tensor, Sequence[Tensor]],
+                targets: Optional[List[Dict[str, Tensor]]] = None):
+        """samples: a NestedTensor, a batch (B, 3, H, W) or one image (3, H, W) without padding, or a list of
+        (3, H, W) images of any sizes (padded here), as the official model accepts."""
+        srcs, masks, positions = self._multi_level_inputs(as_nested_tensor(samples))
         dn = None
         if self.training and targets is not None:
             dn = prepare_for_cdn(targets, self.dn_number, self.dn_label_noise_ratio, self.dn_box_noise_scale,
@@ -100,3 +106,17 @@ class DINO(nn.Module):
         """Per-layer predictions -> the last layer's, with the earlier ones as aux_outputs."""
         return {"pred_logits": logits[-1], "pred_boxes": boxes[-1],
                 "aux_outputs": [{"pred_logits": c, "pred_boxes": b} for c, b in zip(logits[:-1], boxes[:-1])]}
+
+
+def as_nested_tensor(samples: Union[NestedTensor, Tensor, Sequence[Tensor]]) -> NestedTensor:
+    """Images in any of the forms DINO.forward accepts -> a NestedTensor (mask True = padding)."""
+    if isinstance(samples, NestedTensor):
+        return samples
+    if isinstance(samples, Tensor):
+        if samples.dim() == 3:
+            samples = samples[None]
+        if samples.dim() != 4:
+            raise ValueError(f"images must be (3, H, W) or (B, 3, H, W); got shape {tuple(samples.shape)}")
+        b, _, h, w = samples.shape
+        return NestedTensor(samples, torch.zeros(b, h, w, dtype=torch.bool, device=samples.device))
+    return nested_tensor_from_tensor_list(list(samples))

@@ -80,24 +80,31 @@ class Decoder(nn.Module):
 
 
 class DeformableTransformer(nn.Module):
+    """two_stage_mask_invalid=False selects queries as the official DINO: the top-k encoder tokens by class
+    score, padding and border tokens included (their proposals are +inf, so boxes of 1.0); True never selects
+    them while valid tokens remain (score -inf, proposal 0)."""
+
     def __init__(self, d_model=256, nhead=8, num_queries=900, num_encoder_layers=6, num_decoder_layers=6,
                  dim_feedforward=2048, dropout=0.0, activation="relu", num_feature_levels=4, enc_n_points=4,
-                 dec_n_points=4):
+                 dec_n_points=4, two_stage_mask_invalid=False):
         super().__init__()
         self.d_model, self.num_queries = d_model, num_queries
+        self.two_stage_mask_invalid = two_stage_mask_invalid
+        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         self.encoder = Encoder([EncoderLayer(d_model, dim_feedforward, dropout, activation, num_feature_levels,
                                              nhead, enc_n_points) for _ in range(num_encoder_layers)])
         self.decoder = Decoder([DecoderLayer(d_model, dim_feedforward, dropout, activation, num_feature_levels,
                                              nhead, dec_n_points) for _ in range(num_decoder_layers)], d_model)
-        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         self.tgt_embed = nn.Embedding(num_queries, d_model)
         self.enc_output = nn.Linear(d_model, d_model)
         self.enc_output_norm = nn.LayerNorm(d_model)
-        self.enc_out_class_embed: Optional[nn.Module] = None  # set by DINO: copies of its prediction heads
-        self.enc_out_bbox_embed: Optional[nn.Module] = None
+        self.enc_out_bbox_embed: Optional[nn.Module] = None  # set by DINO: copies of its prediction heads
+        self.enc_out_class_embed: Optional[nn.Module] = None
         self._reset_parameters()
 
     def _reset_parameters(self):
+        """As the official: xavier for every matrix (tgt_embed included), then each attention's own
+        initialisation, then level_embed ~ N(0, 1)."""
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
@@ -105,11 +112,11 @@ class DeformableTransformer(nn.Module):
             if isinstance(m, MSDeformAttn):
                 m._reset_parameters()
         nn.init.normal_(self.level_embed)
-        nn.init.normal_(self.tgt_embed.weight)
 
     def encoder_proposals(self, memory: Tensor, padding_mask: Tensor, spatial_shapes: List[List[int]]):
-        """One anchor box per memory token (its pixel, size 0.05 * 2^level); tokens in padding or too close
-        to the border are invalid. Returns projected memory, proposals (logits) and the invalid mask."""
+        """One anchor box per memory token (its pixel, size 0.05 * 2^level); tokens in padding or whose box
+        leaves (0.01, 0.99) are invalid: their memory is zeroed and their proposal (logits) is +inf, or 0 with
+        two_stage_mask_invalid. Returns projected memory, proposals and the invalid mask."""
         proposals, start = [], 0
         for lvl, (h, w) in enumerate(spatial_shapes):
             mask_l = padding_mask[:, start:start + h * w].view(-1, h, w)
@@ -120,9 +127,17 @@ class DeformableTransformer(nn.Module):
             start += h * w
         proposals = torch.cat(proposals, 1)
         invalid = padding_mask | ~((proposals > 0.01) & (proposals < 0.99)).all(-1)
-        proposals = inverse_sigmoid(proposals.clamp(0.01, 0.99)).masked_fill(invalid[..., None], 0.0)
+        fill = 0.0 if self.two_stage_mask_invalid else float("inf")
+        proposals = inverse_sigmoid(proposals).masked_fill(invalid[..., None], fill)
         output_memory = self.enc_output_norm(self.enc_output(memory.masked_fill(invalid[..., None], 0.0)))
         return output_memory, proposals, invalid
+
+    def select_queries(self, enc_logits: Tensor, invalid: Tensor, k: int) -> Tensor:
+        """Indices (N, k) of the encoder tokens with the highest class score."""
+        scores = enc_logits.max(-1)[0]
+        if self.two_stage_mask_invalid:
+            scores = scores.masked_fill(invalid, float("-inf"))
+        return torch.topk(scores, k, dim=1)[1]
 
     def forward(self, srcs: List[Tensor], masks: List[Tensor], pos_embeds: List[Tensor],
                 dn_query_label: Optional[Tensor] = None, dn_query_bbox: Optional[Tensor] = None,
@@ -140,8 +155,7 @@ class DeformableTransformer(nn.Module):
         enc_logits = self.enc_out_class_embed(output_memory)
         enc_coords_unsig = self.enc_out_bbox_embed(output_memory) + proposals
         k = min(self.num_queries, memory.shape[1])
-        scores = enc_logits.max(-1)[0].masked_fill(invalid, float("-inf"))
-        topk = torch.topk(scores, k, dim=1)[1]
+        topk = self.select_queries(enc_logits, invalid, k)
         refpoint_unsig = torch.gather(enc_coords_unsig, 1, topk[..., None].expand(-1, -1, 4))
         enc_tgt = torch.gather(output_memory, 1, topk[..., None].expand(-1, -1, self.d_model))
 
