@@ -177,18 +177,19 @@ def _evaluate_only(args, model, criterion, postprocessors, val_loader, base_ds, 
 
 def _claim_output_dir(args):
     """Rank 0 creates output_dir, locks it for this run and removes temporary files of saves a kill cut short.
-    Every rank fails together if the directory is busy. Returns the lock (held until the process ends)."""
-    held, error = None, None
+    Every rank fails together if the directory is busy. Returns the lock (held until the process ends) and the
+    names of the removed files."""
+    held, stale, error = None, [], None
     if args.output_dir and dist_utils.is_main_process():
         try:
             os.makedirs(os.path.join(args.output_dir, "eval"), exist_ok=True)
             held = run_dir.lock(args.output_dir)
-            args.stale_temporary_files = ckpt.remove_stale_temporary_files(args.output_dir)
+            stale = ckpt.remove_stale_temporary_files(args.output_dir)
         except run_dir.OutputDirBusy as e:
             error = e
     if dist_utils.any_rank(error is not None):
         raise error or run_dir.OutputDirBusy(f"{args.output_dir} is in use by another run (see rank 0)")
-    return held
+    return held, stale
 
 
 def _initial_backbone(model, args) -> None:
@@ -199,7 +200,7 @@ def _initial_backbone(model, args) -> None:
         logger.info(loaded)
         return
     frozen = [n for n, p in model.backbone.named_parameters() if not p.requires_grad]
-    if frozen and not args.backbone_weights:
+    if frozen:
         raise ValueError(f"backbone_freeze_at={args.backbone_freeze_at} freezes backbone stages whose weights are "
                          f"random ({len(frozen)} tensors, e.g. {frozen[0]}), since neither backbone_weights nor a "
                          "checkpoint gives them: set backbone_weights=imagenet (or a local file), or "
@@ -218,12 +219,10 @@ def _stop(args, where: str, saved: str) -> None:
 
 def main(args) -> int:
     dist_utils.init_distributed_mode(args)
-    output_lock = _claim_output_dir(args)  # noqa: F841 (held until the process ends)
-    dist_utils.barrier()
+    output_lock, stale = _claim_output_dir(args)  # noqa: F841 (the lock is held until the process ends)
     setup_logging(args.output_dir, dist_utils.get_rank(), args.debug)
-    if getattr(args, "stale_temporary_files", None):
-        logger.info("Removed %d temporary file(s) of interrupted saves: %s", len(args.stale_temporary_files),
-                    ", ".join(args.stale_temporary_files))
+    if stale:
+        logger.info("Removed %d temporary file(s) of interrupted saves: %s", len(stale), ", ".join(stale))
     device = torch.device(args.device)
     _seed_everything(args.seed + dist_utils.get_rank())
     model, criterion, postprocessors = build_model_main(args)
@@ -278,6 +277,7 @@ def main(args) -> int:
 
     def evaluate_and_record(epoch: int, train_meters: dict, train_time: float) -> None:
         """Evaluate a trained epoch (saved already), log it, keep the best, save again."""
+        logger.info("Evaluating epoch %d", epoch)
         eval_started = time.time()
 
         def after_batch():

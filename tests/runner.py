@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = "config/DINO/DINO_demo.py"
 TINY_OPTIONS = ["hidden_dim=32", "nheads=4", "dim_feedforward=64", "enc_layers=1", "dec_layers=2", "num_queries=20",
@@ -26,6 +28,14 @@ def run_main(coco_path, output_dir, *extra, options=(), config=DEMO, timeout=300
     return proc
 
 
+def popen_main(data, out, *extra, options=(), workers=0, script="main.py", new_session=False):
+    """main.py (or a wrapper of it) running in the background, printing a progress line per iteration."""
+    cmd = [sys.executable, str(ROOT / script), "-c", DEMO, "--coco_path", str(data), "--output_dir", str(out),
+           "--num_workers", str(workers), "--save_log", *extra, "--options", *TINY_OPTIONS, *options]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}, start_new_session=new_session)
+
+
 def read_log(output_dir):
     return [json.loads(line) for line in (Path(output_dir) / "log.txt").read_text().splitlines() if line.strip()]
 
@@ -41,3 +51,19 @@ def wait_for_line(proc, needle, timeout=240):
         if needle in line:
             return "".join(lines)
     raise AssertionError(f"never saw {needle!r}:\n{''.join(lines)[-4000:]}")
+
+
+def _state(path):
+    checkpoint = torch.load(path, weights_only=True)
+    return checkpoint["model"], checkpoint["optimizer"]["state"]
+
+
+def assert_same_training(ref_dir, other_dir):
+    ref_model, ref_opt = _state(ref_dir / "checkpoint.pth")
+    model, opt = _state(other_dir / "checkpoint.pth")
+    assert ref_model.keys() == model.keys()
+    assert all(torch.equal(ref_model[k], model[k]) for k in ref_model)
+    assert all(torch.equal(ref_opt[i][k], opt[i][k]) for i in ref_opt for k in ref_opt[i])
+    train = lambda log: [{k: v for k, v in e.items() if k.startswith("train_")} for e in log]  # noqa: E731
+    assert train(read_log(ref_dir)) == train(read_log(other_dir))
+    assert [e["test_coco_eval_bbox"] for e in read_log(ref_dir)] == [e["test_coco_eval_bbox"] for e in read_log(other_dir)]

@@ -1,28 +1,10 @@
 """Interruptions are a non-event: bit-exact resume at epoch ends and mid-epoch, and clear stops."""
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from runner import ROOT, TINY_OPTIONS, read_log, run_main, wait_for_line
-
-
-def _state(path):
-    checkpoint = torch.load(path, weights_only=True)
-    return checkpoint["model"], checkpoint["optimizer"]["state"]
-
-
-def assert_same_training(ref_dir, other_dir):
-    ref_model, ref_opt = _state(ref_dir / "checkpoint.pth")
-    model, opt = _state(other_dir / "checkpoint.pth")
-    assert ref_model.keys() == model.keys()
-    assert all(torch.equal(ref_model[k], model[k]) for k in ref_model)
-    assert all(torch.equal(ref_opt[i][k], opt[i][k]) for i in ref_opt for k in ref_opt[i])
-    train = lambda log: [{k: v for k, v in e.items() if k.startswith("train_")} for e in log]  # noqa: E731
-    assert train(read_log(ref_dir)) == train(read_log(other_dir))
-    assert [e["test_coco_eval_bbox"] for e in read_log(ref_dir)] == [e["test_coco_eval_bbox"] for e in read_log(other_dir)]
+from runner import assert_same_training, popen_main, read_log, run_main, wait_for_line
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +12,6 @@ def reference(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
     run_main(data, out)
     return out
-
-
-def _popen(data, out, *extra, options=(), workers=0):
-    cmd = [sys.executable, str(ROOT / "main.py"), "-c", "config/DINO/DINO_demo.py", "--coco_path", str(data),
-           "--output_dir", str(out), "--num_workers", str(workers), "--save_log", *extra,
-           "--options", *TINY_OPTIONS, *options]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
 
 
 def test_resume_at_an_epoch_boundary_also_extends_epochs(data, reference, tmp_path):
@@ -52,7 +26,7 @@ def test_resume_at_an_epoch_boundary_also_extends_epochs(data, reference, tmp_pa
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_sigterm_mid_epoch_saves_and_resumes_bit_exactly(data, reference, tmp_path, workers):
-    proc = _popen(data, tmp_path, workers=workers)
+    proc = popen_main(data, tmp_path, workers=workers)
     wait_for_line(proc, "Epoch 0 [3/8]")  # the first epoch: the signal lands well before training ends
     proc.send_signal(signal.SIGTERM)
     rest = proc.communicate(timeout=120)[0]
@@ -67,7 +41,7 @@ def test_sigterm_mid_epoch_saves_and_resumes_bit_exactly(data, reference, tmp_pa
 
 
 def test_kill_9_after_a_periodic_save_resumes_bit_exactly(data, reference, tmp_path):
-    proc = _popen(data, tmp_path, options=["save_every_iters=3"])
+    proc = popen_main(data, tmp_path, options=["save_every_iters=3"])
     wait_for_line(proc, "Epoch 0 [4/8]")  # the save at iteration 3 is complete
     proc.kill()
     proc.wait()

@@ -129,7 +129,7 @@ def _newest_intact_checkpoint(output_dir: str):
 @dataclass
 class Position:
     """Where the training loop starts. `pending`: an epoch that was trained but not evaluated
-    ({'epoch', 'meters', 'epoch_time'}), to evaluate before training goes on."""
+    ({'epoch', 'train_meters', 'train_time'}), to evaluate before training goes on."""
     epoch: int = 0
     iteration: int = 0
     best: dict = field(default_factory=dict)
@@ -200,8 +200,8 @@ def _restore_full(start: Start, state: "TrainState") -> Position:
         logger.info("  changed since the checkpoint: %s", change)
     _restore_rng(checkpoint, position, saved_args, args)
     if checkpoint.get("eval_pending"):
-        position.pending = {"epoch": checkpoint["epoch"], "meters": position.meters,
-                            "epoch_time": checkpoint.get("epoch_time", 0.0)}
+        position.pending = {"epoch": checkpoint["epoch"], "train_meters": position.meters,
+                            "train_time": checkpoint.get("epoch_time", 0.0)}
         position.meters = {}
     if start.kind == "resume" and args.start_epoch is not None and args.start_epoch != position.epoch:
         logger.info("  --start_epoch %d overrides the checkpoint's epoch %d", args.start_epoch, position.epoch)
