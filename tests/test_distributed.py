@@ -90,12 +90,16 @@ def _wait_for_file_text(path_glob, needle, timeout=240):
     raise AssertionError(f"never saw {needle!r} in {[str(p) for p in path_glob()]}")
 
 
-def test_submitit_local_preemption_requeues_and_resumes_mid_epoch(data, tmp_path):
+def test_submitit_local_preemption_requeues_and_continues_a_fine_tune_mid_epoch(data, tmp_path):
+    """The requeued job replays the same argv, --resume and --start_epoch included: it must continue, not restart."""
+    run_main(data, tmp_path / "pretrained", options=["epochs=1"])
     job_dir = tmp_path / "job"
+    fine_tune = ["--resume", str(tmp_path / "pretrained" / "checkpoint.pth"), "--finetune_ignore", "class_embed",
+                 "--start_epoch", "1"]
     cmd = [sys.executable, str(ROOT / "tools" / "run_with_submitit.py"), "--cluster", "local", "--ngpus", "1",
            "--timeout", "20", "--job_dir", str(job_dir), "--cpus_per_task", "1",
            "-c", "config/DINO/DINO_demo.py", "--coco_path", str(data), "--device", "cpu", "--num_workers", "0",
-           "--save_log", "--options", *TINY_OPTIONS, "epochs=12"]
+           "--save_log", *fine_tune, "--options", *TINY_OPTIONS, "epochs=12"]
     # A file, not a pipe: the local job inherits the launcher's stdout and would hold a pipe open.
     with open(tmp_path / "submit.txt", "w") as out:
         submitted = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, timeout=120,
@@ -109,8 +113,10 @@ def test_submitit_local_preemption_requeues_and_resumes_mid_epoch(data, tmp_path
         os.kill(task, signal.SIGUSR2)  # submitit's own preemption path
     _wait_for_file_text(logs, "requeue 1:")
     _wait_for_file_text(logs, "Training time", timeout=300)
-    assert [e["epoch"] for e in read_log(job_dir)] == list(range(12))  # every epoch logged exactly once
+    assert [e["epoch"] for e in read_log(job_dir)] == list(range(1, 12))  # every epoch logged exactly once
     text = "".join(p.read_text() for p in logs())
-    epoch, iteration = re.search(r"Continuing the interrupted run in .*: epoch (\d+), iteration (\d+)", text).groups()
+    epoch, iteration = re.search(r"Continuing the interrupted run in .* \(started from .*pretrained/checkpoint.pth with "
+                                 r"--finetune_ignore class_embed --start_epoch 1\): epoch (\d+), iteration (\d+)",
+                                 text).groups()
     assert int(epoch) >= 2 and int(iteration) > 0  # continued mid-epoch, not from the last epoch end
     assert f"epoch {epoch}, iteration {iteration} of 8" in text
