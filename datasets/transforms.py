@@ -39,6 +39,10 @@ def hflip(image, target):
     return F.hflip(image), target
 
 
+class ImageTooThin(ValueError):
+    """Resizing would leave an image side of 0 pixels (an extreme aspect ratio against max_size)."""
+
+
 def _size_for(image_size, size: int, max_size: Optional[int]):
     """(h, w) with the shorter side at `size`, shrunk so the longer side stays within max_size."""
     w, h = image_size
@@ -53,6 +57,8 @@ def _size_for(image_size, size: int, max_size: Optional[int]):
 
 def resize(image, target, size: int, max_size: Optional[int] = None):
     new_h, new_w = _size_for(image.size, size, max_size)
+    if min(new_h, new_w) < 1:
+        raise ImageTooThin(f"resizing to shorter side {size} with max_size {max_size} gives {new_w}x{new_h}")
     ratio_w, ratio_h = new_w / image.size[0], new_h / image.size[1]
     image = F.resize(image, [new_h, new_w])
     target = dict(target, size=torch.tensor([new_h, new_w]))

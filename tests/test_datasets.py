@@ -17,9 +17,10 @@ from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import BatchSampler
 
-from datasets import build_dataset, get_coco_api_from_dataset
+from datasets import DatasetError, build_dataset, get_coco_api_from_dataset
 from datasets import transforms as T
 from datasets.coco import CocoDetection
+from datasets.validate import read_annotations
 from datasets.coco_eval import CocoEvaluator
 from datasets.sampler import ResumableSampler
 from datasets.synthetic import MARKER, ensure_synthetic_coco, generate_synthetic_coco
@@ -30,7 +31,8 @@ SIZE = 80
 
 def data_args(root, **overrides):
     args = dict(dataset_file="synthetic", coco_path=str(root), synthetic_num_train=20, synthetic_num_val=10,
-                synthetic_image_size=SIZE, seed=7, contiguous_category_ids=False, train_img_folder=None,
+                synthetic_image_size=SIZE, seed=7, num_classes=5, dn_labelbook_size=5, output_dir="",
+                contiguous_category_ids=False, train_img_folder=None,
                 train_ann_file=None, val_img_folder=None, val_ann_file=None, data_aug_scales=[64, 80, 96],
                 data_aug_max_size=128, data_aug_scales2_resize=[64, 80], data_aug_scales2_crop=[48, 80],
                 data_aug_val_size=SIZE, data_aug_hflip=True)
@@ -77,6 +79,10 @@ def write_coco(path, annotations, categories=({"id": 1, "name": "a"},), size=(40
     ann_file.write_text(json.dumps({"images": [{"id": 1, "file_name": "1.png", "width": size[0], "height": size[1]}],
                                     "annotations": annotations, "categories": list(categories)}))
     return path / "img", ann_file
+
+
+def coco_dataset(img_folder, ann_file, transforms=None, **kwargs):
+    return CocoDetection(img_folder, ann_file, read_annotations(ann_file), transforms, seed=0, **kwargs)
 
 
 def box(ann_id, bbox, category_id=1, iscrowd=0):
@@ -296,34 +302,44 @@ def test_augmentation_is_a_function_of_epoch_and_index(root):
     assert any(not torch.equal(dataset[(0, i)][0], other_seed[(0, i)][0]) for i in range(5))
 
 
-def test_malformed_boxes_are_dropped_with_one_warning(tmp_path, caplog):
+def test_unusable_boxes_are_dropped_with_one_warning(tmp_path, caplog):
     img_folder, ann_file = write_coco(tmp_path, [box(1, [1, 2, 10, 8]), box(2, [5, 5, 0, 4]), box(3, [5, 5, 4, -2]),
-                                                 box(4, [3, 3, 5]), box(5, [0, 0, 20, 20], iscrowd=1)])
+                                                 box(4, [50, 5, 4, 4]), box(5, [1, 1, 5, 5], category_id=8),
+                                                 box(6, [0, 0, 20, 20], iscrowd=1)])
     with caplog.at_level(logging.WARNING, logger="dino.datasets"):
-        dataset = CocoDetection(img_folder, ann_file, T.Compose([T.ToTensor()]), seed=0)
+        dataset = coco_dataset(img_folder, ann_file, T.Compose([T.ToTensor()]))
     warnings = [r for r in caplog.records if r.name == "dino.datasets"]
-    assert len(warnings) == 1 and "dropped 3 malformed boxes" in warnings[0].getMessage()
+    assert len(warnings) == 1 and "dropped 4 boxes" in warnings[0].getMessage()
     assert "annotation id 2" in warnings[0].getMessage()
     _, target = dataset[0]
     assert target["boxes"].tolist() == [[1.0, 2.0, 11.0, 10.0]]  # the crowd box is not a target either
     assert target["iscrowd"].tolist() == [0] and target["size"].tolist() == [30, 40]
 
 
+def test_missing_annotations_default_to_what_cocoeval_reads(tmp_path):
+    """'iscrowd' and 'area' are optional in the file but COCOeval reads both."""
+    img_folder, ann_file = write_coco(tmp_path, [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 10, 8]}])
+    coco = coco_dataset(img_folder, ann_file).coco
+    assert coco.anns[1]["iscrowd"] == 0 and coco.anns[1]["area"] == 80
+    stats = evaluate(coco, ground_truth_predictions(coco, [1]))
+    assert stats[0] == pytest.approx(1.0)
+
+
 def test_missing_files_give_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"nowhere/ann\.json.*instances_\{train,val\}2017\.json"):
-        CocoDetection(tmp_path, tmp_path / "nowhere" / "ann.json", None, seed=0)
+    with pytest.raises(DatasetError, match=r"nowhere/ann\.json not found: .*instances_\{train,val\}2017\.json"):
+        read_annotations(tmp_path / "nowhere" / "ann.json")
     img_folder, ann_file = write_coco(tmp_path, [box(1, [1, 2, 10, 8])])
     (img_folder / "1.png").unlink()
-    dataset = CocoDetection(img_folder, ann_file, None, seed=0)
-    with pytest.raises(FileNotFoundError, match=r"img/1\.png.*ann\.json"):
+    dataset = coco_dataset(img_folder, ann_file)
+    with pytest.raises(DatasetError, match=r"^image file not found \(image id 1 .*img/1\.png\) in .*ann\.json: "):
         dataset[0]
 
 
 def test_category_ids_as_is_or_contiguous(tmp_path):
     cats = [{"id": 7, "name": "b"}, {"id": 3, "name": "a"}]
     img_folder, ann_file = write_coco(tmp_path, [box(1, [1, 1, 5, 5], 7), box(2, [2, 2, 5, 5], 3)], cats)
-    as_is = CocoDetection(img_folder, ann_file, None, seed=0)
-    contiguous = CocoDetection(img_folder, ann_file, None, seed=0, contiguous_category_ids=True)
+    as_is = coco_dataset(img_folder, ann_file)
+    contiguous = coco_dataset(img_folder, ann_file, contiguous_category_ids=True)
     assert as_is[0][1]["labels"].tolist() == [7, 3] and as_is.label_to_category_id is None
     assert contiguous[0][1]["labels"].tolist() == [1, 0] and contiguous.label_to_category_id == [3, 7]
 
@@ -334,7 +350,7 @@ def test_build_uses_override_paths(root, tmp_path):
                      val_ann_file=str(ann_file))
     dataset = build_dataset("val", args)
     assert len(dataset) == 1 and dataset.ann_file == str(ann_file)
-    with pytest.raises(FileNotFoundError, match="instances_train2017.json"):
+    with pytest.raises(DatasetError, match="instances_train2017.json not found"):
         build_dataset("train", args)
 
 
