@@ -136,24 +136,14 @@ def _loader(dataset, args, train: bool):
     return sampler, loader
 
 
-def _check_num_classes(coco, label_map, args) -> None:
-    largest = len(label_map) - 1 if label_map else max(coco.getCatIds(), default=0)
-    if largest >= args.num_classes:
-        raise ValueError(f"the dataset has labels up to {largest} but num_classes is {args.num_classes}: set "
-                         f"num_classes={largest + 1} (and dn_labelbook_size >= it), or contiguous_category_ids=True")
-
-
-def _write_header(args, model) -> None:
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+def _write_header(args) -> None:
     logger.info("command: %s", " ".join([sys.executable] + sys.argv))
     logger.info("git: %s | world size: %d | device: %s", _git_hash(), dist_utils.get_world_size(), args.device)
     logger.info("args: %s", json.dumps(ckpt.plain_args(args), sort_keys=True, default=str))
-    logger.info("number of trainable parameters: %d (total %d)", n_params, sum(p.numel() for p in model.parameters()))
     if args.output_dir:
         dump_config(args.config, os.path.join(args.output_dir, "config_cfg.py"))
         with open(os.path.join(args.output_dir, "config_args_all.json"), "w") as f:
             json.dump(ckpt.plain_args(args), f, indent=2, sort_keys=True, default=str)
-    args.n_parameters = n_params
 
 
 def _evaluate_only(args, model, criterion, postprocessors, val_loader, base_ds, label_map, device) -> int:
@@ -225,20 +215,21 @@ def main(args) -> int:
         logger.info("Removed %d temporary file(s) of interrupted saves: %s", len(stale), ", ".join(stale))
     device = torch.device(args.device)
     _seed_everything(args.seed + dist_utils.get_rank())
-    model, criterion, postprocessors = build_model_main(args)
-    model.to(device)
     if dist_utils.is_main_process():
-        _write_header(args, model)
-    args.n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-    dataset_val = build_dataset("val", args)
+        _write_header(args)
+    dataset_val = build_dataset("val", args)  # both splits are checked before anything else takes time
+    dataset_train = None if args.eval else build_dataset("train", args)
     base_ds = get_coco_api_from_dataset(dataset_val)
     label_map = getattr(dataset_val, "label_to_category_id", None)
-    _check_num_classes(base_ds, label_map, args)
     _, val_loader = _loader(dataset_val, args, train=False)
+
+    model, criterion, postprocessors = build_model_main(args)
+    model.to(device)
+    args.n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("number of trainable parameters: %d (total %d)", args.n_parameters,
+                sum(p.numel() for p in model.parameters()))
     if args.eval:
         return _evaluate_only(args, model, criterion, postprocessors, val_loader, base_ds, label_map, device)
-    dataset_train = build_dataset("train", args)
     train_sampler, train_loader = _loader(dataset_train, args, train=True)
     iterations = len(train_loader)
     max_iters = 10 if args.debug else None
