@@ -1,4 +1,7 @@
 """Turn SIGTERM/SIGINT/SIGUSR1/SIGUSR2 into a request to save and stop at the next iteration boundary."""
+import atexit
+import gc
+import multiprocessing
 import signal
 
 from util import distributed as dist_utils
@@ -45,3 +48,17 @@ def ignore_in_worker(_worker_id: int) -> None:
     it would turn a clean save-and-stop into a crash. Workers leave stopping to the main process."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+@atexit.register  # registered after multiprocessing's own exit hook, so it runs before it
+def _end_leftover_workers() -> None:
+    """multiprocessing ends daemon children at exit with SIGTERM and then waits for them; workers ignore
+    SIGTERM, so one still running (its loader was not shut down, e.g. after an error) would be waited for
+    forever. Loaders that an error left behind are shut down first (their workers exit cleanly); any worker
+    still there holds nothing worth keeping and is ended for good."""
+    gc.collect()
+    leftover = [child for child in multiprocessing.active_children() if child.daemon]
+    if leftover:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report them as failed workers
+    for child in leftover:
+        child.kill()
