@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from main import _optimizer, _scheduler, parse_args  # noqa: E402
-from tools.benchmark_model import median_time  # noqa: E402
+from tools.benchmark import median_time  # noqa: E402
 from models import build_model  # noqa: E402
 from util.checkpoint import atomic_save, load_checkpoint, training_state  # noqa: E402
 from util.rng import capture_rng_state  # noqa: E402

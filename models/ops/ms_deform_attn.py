@@ -29,7 +29,7 @@ def multi_scale_deformable_attn(value: Tensor, spatial_shapes: Shapes, sampling_
     weights = attention_weights.permute(0, 2, 3, 1, 4)  # N, M, L, Lq, P
     out = 0
     # Weighting and summing level by level never materialises all levels' samples at once: measured
-    # faster than the reference's stack-multiply-sum and than one batched matmul (tools/benchmark_model.py).
+    # faster than the reference's stack-multiply-sum and than one batched matmul (tools/benchmark.py).
     for lvl, (h, w) in enumerate(shapes):
         value_l = value_per_level[lvl].permute(0, 2, 3, 1).reshape(n * m, d, h, w)
         grid_l = grids[:, :, lvl].reshape(n * m, lq, points, 2)
