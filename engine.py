@@ -18,6 +18,10 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN/inf loss; the message names the terms."""
 
 
+class NonFiniteOutputError(FloatingPointError):
+    """Evaluation met NaN/inf predictions or losses: a diverged model gets no AP (pycocotools would score it)."""
+
+
 class Meters:
     """Running sums of logged scalars; plain floats so they go into a checkpoint and resume exactly."""
 
@@ -116,6 +120,17 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
     return meters.averages()
 
 
+def _check_finite(outputs: dict, loss_dict: dict, targets) -> None:
+    predictions = torch.cat([outputs["pred_logits"].flatten(1), outputs["pred_boxes"].flatten(1)], 1)
+    bad_images = [int(t["image_id"]) for t, row in zip(targets, torch.isfinite(predictions).all(1)) if not row]
+    bad_losses = sorted(k for k, v in loss_dict.items() if not torch.isfinite(v).all())
+    if bad_images or bad_losses:
+        found = (f"non-finite scores or boxes for image id {', '.join(map(str, bad_images))}" if bad_images
+                 else f"non-finite losses ({', '.join(bad_losses)})")
+        raise NonFiniteOutputError(f"the evaluated model gives {found}: it has diverged, so no AP and no best "
+                                   "checkpoint are recorded")
+
+
 @torch.no_grad()
 def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, *, amp: bool = False,
              label_to_category_id=None, results_file: Optional[str] = None, max_iters: Optional[int] = None,
@@ -137,6 +152,7 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, *, 
         with torch.autocast(device_type=torch.device(device).type, enabled=amp):
             outputs = model(samples)
             loss_dict = criterion(outputs, targets)
+        _check_finite(outputs, loss_dict, targets)
         reduced = dist_utils.reduce_dict(loss_dict)
         weighted = {k: v * criterion.weight_dict[k] for k, v in reduced.items() if k in criterion.weight_dict}
         meters.update(loss=float(sum(weighted.values())), **{k: float(v) for k, v in weighted.items()})

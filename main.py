@@ -18,7 +18,7 @@ from torch.utils.data import BatchSampler, DataLoader
 import util.checkpoint as ckpt
 from datasets import build_dataset, get_coco_api_from_dataset
 from datasets.sampler import ResumableSampler
-from engine import Meters, NonFiniteLossError, evaluate, train_one_epoch
+from engine import Meters, NonFiniteLossError, NonFiniteOutputError, evaluate, train_one_epoch
 from models import build_model, load_pretrained_backbone
 from util import distributed as dist_utils
 from util import interrupt, resume, run_dir
@@ -78,7 +78,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.config = {k: getattr(args, k) for k in cfg}
     if args.coco_path is None:
         args.coco_path = "data/synthetic" if args.dataset_file == "synthetic" else "data/coco"
+    _check_command_line(args)
     return args
+
+
+def _check_command_line(args) -> None:
+    """Mistakes that would otherwise fail late, obscurely, or not at all."""
+    if args.output_dir and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise ValueError(f"--output_dir {args.output_dir} is a file, not a directory: choose another path")
+    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device is available on this machine; use --device cpu")
+    if args.finetune_ignore and not (args.resume or args.pretrain_model_path):
+        raise ValueError("--finetune_ignore needs a checkpoint to fine-tune from: add --resume CHECKPOINT or "
+                         "--pretrain_model_path CHECKPOINT")
+    if args.start_epoch is not None and not args.eval and not 0 <= args.start_epoch < args.epochs:
+        raise ValueError(f"--start_epoch {args.start_epoch} is not in [0, epochs={args.epochs}): nothing would be "
+                         "trained; lower --start_epoch or raise epochs (--options epochs=N)")
 
 
 def build_model_main(args):
@@ -175,10 +190,13 @@ def _claim_output_dir(args):
             os.makedirs(os.path.join(args.output_dir, "eval"), exist_ok=True)
             held = run_dir.lock(args.output_dir)
             stale = ckpt.remove_stale_temporary_files(args.output_dir)
-        except run_dir.OutputDirBusy as e:
+        except run_dir.OutputDirError as e:
             error = e
+        except OSError as e:
+            error = run_dir.OutputDirError(f"cannot write to --output_dir {args.output_dir} ({e.strerror or e}): "
+                                          "free some space or choose another directory")
     if dist_utils.any_rank(error is not None):
-        raise error or run_dir.OutputDirBusy(f"{args.output_dir} is in use by another run (see rank 0)")
+        raise error or run_dir.OutputDirError(f"--output_dir {args.output_dir} cannot be used (rank 0 says why)")
     return held, stale
 
 
@@ -278,8 +296,12 @@ def main(args) -> int:
         eval_kwargs = dict(amp=amp, label_to_category_id=label_map, max_iters=max_iters, after_batch=after_batch)
         results = os.path.join(args.output_dir, "eval", f"results{epoch:04d}.json") \
             if args.save_results and args.output_dir else None
-        test_stats, _ = evaluate(model_without_ddp, criterion, postprocessors, val_loader, base_ds, device,
-                                 results_file=results, **eval_kwargs)
+        try:
+            test_stats, _ = evaluate(model_without_ddp, criterion, postprocessors, val_loader, base_ds, device,
+                                     results_file=results, **eval_kwargs)
+        except NonFiniteOutputError as e:
+            raise NonFiniteOutputError(f"epoch {epoch}: {e}; {ckpt.LATEST} holds that diverged epoch: restart from "
+                                       "an earlier numbered checkpoint with a lower lr") from None
         log_stats = {**{f"train_{k}": v for k, v in Meters(train_meters).averages().items()},
                      **{f"test_{k}": v for k, v in test_stats.items()}}
         candidates = [("regular", test_stats)]
@@ -347,7 +369,7 @@ def main(args) -> int:
     logger.info("Training time %s", datetime.timedelta(seconds=int(time.time() - started)))
     return 0
 
-BAD_INPUT = (ValueError, FileNotFoundError, ckpt.CheckpointError, run_dir.OutputDirBusy)
+BAD_INPUT = (ValueError, FileNotFoundError, ckpt.CheckpointError, run_dir.OutputDirError)
 TRAINING_FAILURES = (FloatingPointError, ckpt.CheckpointWriteError)
 
 

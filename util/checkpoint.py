@@ -6,9 +6,11 @@ a job killed mid-save (or a full disk) leaves the previous checkpoint intact.
 """
 import argparse
 import errno
+import io
 import os
 import pickle
 import re
+import zipfile
 from typing import List
 
 import torch
@@ -27,13 +29,27 @@ class CheckpointWriteError(RuntimeError):
 # Writing
 
 def atomic_save(obj, path):
-    """torch.save obj so that path holds either the old file or the complete new one, never a part."""
+    """torch.save obj so that path holds either the old file or the complete new one, never a part.
+
+    The file is serialised in memory first and written with plain file I/O, so a failed write reports the
+    operating system's reason (a full disk, a file-size limit) rather than torch's internal stream error."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     try:
-        atomic_write(path, lambda f: torch.save(obj, f))
-    except Exception as e:
-        hint = ' (disk full?)' if getattr(e, 'errno', None) in (errno.ENOSPC, errno.EDQUOT) else ''
-        raise CheckpointWriteError(f"could not write checkpoint {os.fspath(path)}: {e}{hint}; "
-                                   "the previous file at that path, if any, is unchanged") from e
+        atomic_write(path, lambda f: f.write(buffer.getbuffer()))
+    except OSError as e:
+        reason = _WRITE_ERRORS.get(e.errno, e.strerror or str(e))
+        raise CheckpointWriteError(f"could not write checkpoint {os.fspath(path)} ({buffer.tell() / 2**20:.0f} MB): "
+                                   f"{reason}; the previous file at that path, if any, is unchanged") from None
+
+
+_WRITE_ERRORS = {
+    errno.ENOSPC: "the disk is full (no space left on device): free some space or choose another --output_dir",
+    errno.EDQUOT: "the disk quota is exceeded: free some space or choose another --output_dir",
+    errno.EFBIG: "the file exceeds this process's file-size limit (ulimit -f): raise the limit",
+    errno.EROFS: "the file system is read-only: choose another --output_dir",
+    errno.EACCES: "permission denied: choose a writable --output_dir",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,6 +78,8 @@ def load_checkpoint(path, map_location='cpu') -> dict:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes); the save that wrote it probably "
                               "failed; use an earlier checkpoint")
     is_zip = magic == _ZIP_MAGIC
+    if is_zip and not _zip_holds_torch_pickle(path):
+        raise CheckpointError(f"{path} is a zip archive but not a PyTorch checkpoint (it holds no data.pkl)")
     if not is_zip and not magic.startswith(_PICKLE_PROTO):
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (it starts with neither a zip nor a pickle header)")
 
@@ -93,6 +111,15 @@ def load_checkpoint(path, map_location='cpu') -> dict:
     found = f"a dict with keys {sorted(map(str, ckpt))[:10]}" if isinstance(ckpt, dict) else type(ckpt).__name__
     raise CheckpointError(f"{path} is not a model checkpoint: expected a dict with a 'model' state dict "
                           f"or a bare state dict, found {found}")
+
+
+def _zip_holds_torch_pickle(path: str) -> bool:
+    """torch.save's zip files hold <name>/data.pkl; a truncated one has no readable directory (torch reports it)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("data.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return True
 
 
 def _forbidden_global(message: str):

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import pprint
+import traceback
 import types
 
 from util.misc import atomic_write
@@ -38,7 +39,11 @@ def _load(path: str, chain: tuple) -> dict:
     except SyntaxError as e:
         raise ValueError(f"syntax error in config file {path}, line {e.lineno}: {e.msg}") from None
     namespace = {'__file__': path, '__name__': '__config__'}
-    exec(code, namespace)
+    try:
+        exec(code, namespace)
+    except Exception as e:  # the config's own code failed: say where, not our traceback
+        line = traceback.extract_tb(e.__traceback__)[-1].lineno
+        raise ValueError(f"config file {path} raised {type(e).__name__} at line {line}: {e}; fix that line") from None
 
     own = {}
     for key, value in namespace.items():
@@ -193,13 +198,43 @@ def _check_options(options: dict, cfg: dict, source: str, prefix: str):
         name = prefix + key
         if key not in cfg:
             close = difflib.get_close_matches(key, [str(k) for k in cfg], n=3)
-            hint = f"; did you mean {' or '.join(repr(prefix + c) for c in close)}?" if close else ''
-            raise ValueError(f"--options key {name!r} is not in {source}{hint}")
+            hint = (f"did you mean {' or '.join(repr(prefix + c) for c in close)}?" if close else
+                    f"the valid keys are the names set in {source} and its _base_ files")
+            raise ValueError(f"--options key {name!r} is not in {source}: {hint}")
+        _check_type(name, value, cfg[key])
         if isinstance(value, dict):
             if not isinstance(cfg[key], dict):
                 raise ValueError(f"--options key {name!r}.* needs {name!r} to be a dict in {source}, "
                                  f"but it is {type(cfg[key]).__name__}")
             _check_options(value, cfg[key], source, name + '.')
+
+
+def _check_type(name: str, value, default) -> None:
+    """An option keeps the kind of value its config default has, so `lr=abc` or `epochs=2.5` stop here instead of
+    deep inside the optimizer or the training loop. None replaces anything but a number or a flag."""
+    number = (int, float)
+    if default is None or (value is None and not isinstance(default, number)):
+        return
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = isinstance(default, bool) and isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int)
+    elif isinstance(default, float):
+        ok = isinstance(value, number)
+    elif isinstance(default, (list, tuple)):
+        ok = isinstance(value, (list, tuple))
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ValueError(f"--options {name}={value!r}: expected {_kind(default)} like the config's {default!r}, "
+                         f"got {_kind(value)}")
+
+
+def _kind(value) -> str:
+    if isinstance(value, bool):
+        return "True or False"
+    return {int: "an integer", float: "a number", str: "a string", list: "a list", tuple: "a list",
+            dict: "a dict", type(None): "None"}.get(type(value), type(value).__name__)
 
 
 def _flatten(options: dict, prefix: str = ''):

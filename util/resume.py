@@ -167,6 +167,11 @@ def load_weights(model, path: str, checkpoint: dict, ignore=None):
 def _restore_full(start: Start, state: "TrainState") -> Position:
     """Continue a run exactly where its checkpoint stopped."""
     checkpoint, path, args = start.checkpoint, start.path, state.args
+    missing = [k for k in ("epoch", "lr_scheduler") if k not in checkpoint]
+    if missing or "last_epoch" not in checkpoint.get("lr_scheduler", {}):
+        raise CheckpointError(f"{path} holds an optimizer state but no {' or '.join(missing) or 'lr_scheduler position'} "
+                              f"(its keys: {', '.join(sorted(checkpoint))}), so training cannot continue from it: "
+                              "use --pretrain_model_path to start from its weights")
     saved_args = checkpoint.get("args") or {}
     diffs = architecture_differences(saved_args, vars(args))
     if diffs:

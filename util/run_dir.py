@@ -13,8 +13,8 @@ LOCK = ".lock"
 LOG = "log.txt"
 
 
-class OutputDirBusy(RuntimeError):
-    """Another live process holds output_dir."""
+class OutputDirError(RuntimeError):
+    """output_dir cannot be used: another live run holds it, or it cannot be written."""
 
 
 def lock(output_dir: str):
@@ -28,7 +28,7 @@ def lock(output_dir: str):
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
-        raise OutputDirBusy(f"{output_dir} is in use by another run ({holder}); wait for it to end, or choose "
+        raise OutputDirError(f"{output_dir} is in use by another run ({holder}); wait for it to end, or choose "
                             "another --output_dir") from None
     handle.seek(0)
     handle.truncate()
