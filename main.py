@@ -291,6 +291,7 @@ def main(args) -> int:
 
         def after_batch():
             if interrupt.stop_requested():
+                state.finish()  # the save before this evaluation is complete
                 _stop(args, f"the evaluation of epoch {epoch}",
                       f"{ckpt.LATEST} holds epoch {epoch}'s training, which a rerun evaluates first")
         eval_kwargs = dict(amp=amp, label_to_category_id=label_map, max_iters=max_iters, after_batch=after_batch)
@@ -349,7 +350,7 @@ def main(args) -> int:
             stop = interrupt.stop_requested()
             due = args.save_every_iters > 0 and it % args.save_every_iters == 0 and it < iterations
             if stop or due:
-                state.save([ckpt.LATEST], epoch=epoch - 1, iteration=it, best=best, meters=meters.state())
+                state.save([ckpt.LATEST], epoch=epoch - 1, iteration=it, best=best, meters=meters.state(), wait=stop)
             if stop:
                 _stop(args, f"epoch {epoch}", f"saved {os.path.join(args.output_dir, ckpt.LATEST)} at iteration {it}")
 
@@ -366,6 +367,7 @@ def main(args) -> int:
         state.save([ckpt.LATEST], epoch=epoch, iteration=0, best=best, meters=meters.state(), eval_pending=True,
                    epoch_time=train_time)
         evaluate_and_record(epoch, meters.state(), train_time)
+    state.finish()
     logger.info("Training time %s", datetime.timedelta(seconds=int(time.time() - started)))
     return 0
 

@@ -1,5 +1,6 @@
 """Interruptions are a non-event: bit-exact resume at epoch ends and mid-epoch, and clear stops."""
 import signal
+import time
 
 import pytest
 import torch
@@ -42,7 +43,10 @@ def test_sigterm_mid_epoch_saves_and_resumes_bit_exactly(data, reference, tmp_pa
 
 def test_kill_9_after_a_periodic_save_resumes_bit_exactly(data, reference, tmp_path):
     proc = popen_main(data, tmp_path, options=["save_every_iters=3"])
-    wait_for_line(proc, "Epoch 0 [4/8]")  # the save at iteration 3 is complete
+    wait_for_line(proc, "Epoch 0 [4/8]")  # the save at iteration 3 began (it is written in the background)
+    deadline = time.time() + 60
+    while not (tmp_path / "checkpoint.pth").exists() and time.time() < deadline:
+        time.sleep(0.05)
     proc.kill()
     proc.wait()
     saved = torch.load(tmp_path / "checkpoint.pth", weights_only=True)

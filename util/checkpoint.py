@@ -5,12 +5,17 @@ Checkpoints hold only tensors and plain Python values, so they are always read w
 a job killed mid-save (or a full disk) leaves the previous checkpoint intact.
 """
 import argparse
+import copy
 import errno
+import hashlib
 import io
+import json
 import os
 import pickle
 import re
+import threading
 import zipfile
+import zlib
 from typing import List
 
 import torch
@@ -29,18 +34,85 @@ class CheckpointWriteError(RuntimeError):
 # Writing
 
 def atomic_save(obj, path):
-    """torch.save obj so that path holds either the old file or the complete new one, never a part.
+    """torch.save obj, sealed (see seal), so that path holds either the old file or the complete new one."""
+    write_bytes(seal(obj), path)
 
-    The file is serialised in memory first and written with plain file I/O, so a failed write reports the
-    operating system's reason (a full disk, a file-size limit) rather than torch's internal stream error."""
+
+def seal(obj) -> io.BytesIO:
+    """obj serialised by torch.save plus an integrity record, a zip member of its own that torch.load ignores:
+    every record's size and CRC-32 (written by torch.save), the format version, epoch, iteration and a hash
+    of the configuration. load_checkpoint checks them, so a flipped bit anywhere is caught, not only a cut."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
+    with zipfile.ZipFile(buffer, 'a') as archive:
+        members = [[m.filename, m.file_size, m.CRC] for m in archive.infolist()]
+        info = obj if isinstance(obj, dict) else {}
+        record = {'format_version': info.get('format_version'), 'epoch': info.get('epoch'),
+                  'iteration': info.get('iteration'), 'config_hash': config_hash(info.get('args') or {}),
+                  'payload_bytes': sum(size for _, size, _ in members), 'members': members}
+        archive.writestr(f"{members[0][0].split('/')[0]}/{INTEGRITY}", json.dumps(record))
+    return buffer
+
+
+def config_hash(args: dict) -> str:
+    return hashlib.sha256(json.dumps(args, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_bytes(buffer: io.BytesIO, path) -> None:
+    """Write a sealed checkpoint atomically. Plain file I/O reports the operating system's reason for a failure
+    (a full disk, a file-size limit) rather than torch's internal stream error."""
     try:
         atomic_write(path, lambda f: f.write(buffer.getbuffer()))
     except OSError as e:
         reason = _WRITE_ERRORS.get(e.errno, e.strerror or str(e))
-        raise CheckpointWriteError(f"could not write checkpoint {os.fspath(path)} ({buffer.tell() / 2**20:.0f} MB): "
-                                   f"{reason}; the previous file at that path, if any, is unchanged") from None
+        raise CheckpointWriteError(f"could not write checkpoint {os.fspath(path)} ({len(buffer.getbuffer()) / 2**20:.0f} "
+                                   f"MB): {reason}; the previous file at that path, if any, is unchanged") from None
+
+
+def snapshot(obj, _copies=None):
+    """A copy of obj whose tensors live in host memory and share nothing with training: what a background
+    writer may serialise while training goes on (the only stall of an asynchronous save). Tensors that share
+    storage (the shared prediction heads) still share it in the copy, so the file stores them once."""
+    copies = {} if _copies is None else _copies
+    if isinstance(obj, torch.Tensor):
+        storage = obj.detach().untyped_storage()
+        key = (storage.device, storage.data_ptr(), storage.nbytes())
+        if key not in copies:
+            copies[key] = storage.cpu() if storage.device.type != 'cpu' else storage.clone()
+        return torch.empty(0, dtype=obj.dtype).set_(copies[key], obj.storage_offset(), obj.size(), obj.stride())
+    if isinstance(obj, dict):
+        return {k: snapshot(v, copies) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v, copies) for v in obj)
+    return copy.deepcopy(obj)
+
+
+class BackgroundWriter:
+    """Runs one write job at a time on a thread. A job's failure is raised by the next wait(); the thread is
+    not a daemon, so a process that ends while a write is under way finishes that write first."""
+
+    def __init__(self):
+        self._thread = None
+        self._error = None
+
+    def start(self, job) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(job,), name='checkpoint-writer')
+        self._thread.start()
+
+    def _run(self, job) -> None:
+        try:
+            job()
+        except BaseException as e:  # reported by wait(), in the training thread
+            self._error = e
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
 
 _WRITE_ERRORS = {
@@ -56,6 +128,7 @@ _WRITE_ERRORS = {
 # Reading
 
 _ZIP_MAGIC = b'PK\x03\x04'
+INTEGRITY = 'integrity.json'
 _PICKLE_PROTO = b'\x80'  # every pickle of protocol >= 2, hence every legacy torch.save file
 
 
@@ -78,8 +151,7 @@ def load_checkpoint(path, map_location='cpu') -> dict:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes); the save that wrote it probably "
                               "failed; use an earlier checkpoint")
     is_zip = magic == _ZIP_MAGIC
-    if is_zip and not _zip_holds_torch_pickle(path):
-        raise CheckpointError(f"{path} is a zip archive but not a PyTorch checkpoint (it holds no data.pkl)")
+    integrity = _verify(path) if is_zip else None
     if not is_zip and not magic.startswith(_PICKLE_PROTO):
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (it starts with neither a zip nor a pickle header)")
 
@@ -104,6 +176,8 @@ def load_checkpoint(path, map_location='cpu') -> dict:
     if isinstance(ckpt, dict) and isinstance(ckpt.get('args'), argparse.Namespace):
         ckpt['args'] = dict(vars(ckpt['args']))
     if isinstance(ckpt, dict) and isinstance(ckpt.get('model'), dict):
+        if integrity is not None:
+            ckpt['integrity'] = integrity
         return ckpt
     if isinstance(ckpt, dict) and ckpt and all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt.items()):
@@ -113,13 +187,27 @@ def load_checkpoint(path, map_location='cpu') -> dict:
                           f"or a bare state dict, found {found}")
 
 
-def _zip_holds_torch_pickle(path: str) -> bool:
-    """torch.save's zip files hold <name>/data.pkl; a truncated one has no readable directory (torch reports it)."""
+def _verify(path: str):
+    """Check every record of a zip checkpoint against its CRC-32 and, when the file has one, its integrity
+    record; returns that record (None for files written without one, e.g. by other trainers)."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return any(name.endswith("data.pkl") for name in archive.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return True
+            names = archive.namelist()
+            if not any(name.endswith('/data.pkl') for name in names):
+                raise CheckpointError(f"{path} is a zip archive but not a PyTorch checkpoint (it holds no data.pkl)")
+            sealed = [name for name in names if name.endswith('/' + INTEGRITY)]
+            record = json.loads(archive.read(sealed[0])) if sealed else None
+            members = [[m.filename, m.file_size, m.CRC] for m in archive.infolist() if m.filename not in sealed]
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError) as e:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({e}); the file was probably cut off "
+                              "during a copy or a save; use an earlier checkpoint") from None
+    if damaged or (record is not None and record.get('members') != members):
+        where = f"its record {damaged} does not match its checksum" if damaged else \
+            "its records differ from its integrity record"
+        raise CheckpointError(f"checkpoint {path} is damaged: {where} (bits changed on disk or in a copy); use an "
+                              "earlier checkpoint")
+    return record
 
 
 def _forbidden_global(message: str):
@@ -196,16 +284,17 @@ def training_state(model, optimizer, lr_scheduler, scaler, ema, *, epoch: int, i
     return state
 
 
-def ema_weights_state(state: dict, ema) -> dict:
+def ema_weights_state(state: dict) -> dict:
     """checkpoint_best_ema.pth: the EMA weights as 'model' (as the official code saves them) and no optimizer,
     so --eval, fine-tuning and the tools use the EMA model and a --resume of it loads weights only."""
     keep = ('epoch', 'args', 'origin', 'categories', 'best', 'format_version', 'torch_version')
-    return {'model': ema.module.state_dict(), 'model_is_ema': True, **{k: state[k] for k in keep}}
+    weights = {k[len('module.'):]: v for k, v in state['ema_model'].items() if k.startswith('module.')}
+    return {'model': weights, 'model_is_ema': True, **{k: state[k] for k in keep}}
 
 
-def save_numbered(state: dict, output_dir: str, epoch: int, keep: int) -> None:
-    """checkpoint{epoch:04d}.pth, then drop the oldest numbered ones beyond `keep` (0 keeps all)."""
-    atomic_save(state, os.path.join(output_dir, f'checkpoint{epoch:04d}.pth'))
+def prune_numbered(output_dir: str, keep: int) -> None:
+    """Drop the oldest checkpoint{epoch:04d}.pth beyond the newest `keep` (0 keeps all). Called only after a
+    new numbered checkpoint was written, so the newest intact one is never the one removed."""
     if keep > 0:
         for name in numbered_checkpoints(output_dir)[:-keep]:
             os.remove(os.path.join(output_dir, name))

@@ -7,6 +7,7 @@ the explicit source; a different starting point, or --no_auto_resume, starts ove
 """
 import logging
 import os
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -14,8 +15,9 @@ from typing import List, Optional
 import torch
 
 from util import distributed as dist_utils
-from util.checkpoint import (LATEST, CheckpointError, CheckpointWriteError, atomic_save, ema_weights_state,
-                             load_checkpoint, numbered_checkpoints, training_state, save_numbered)
+from util.checkpoint import (LATEST, BackgroundWriter, CheckpointError, CheckpointWriteError, ema_weights_state,
+                             load_checkpoint, numbered_checkpoints, prune_numbered, seal, snapshot, training_state,
+                             write_bytes)
 from util.rng import capture_rng_state, restore_rng_state
 from util.weights import load_model_weights
 
@@ -279,7 +281,9 @@ def position_scheduler(scheduler, steps: int) -> None:
 
 @dataclass
 class TrainState:
-    """What a training checkpoint captures, and the facts of the run it records beside it."""
+    """What a training checkpoint captures, and the facts of the run it records beside it. Saves are
+    asynchronous: the state is copied to host memory (the only stall), then written by a background thread
+    while training goes on; the next save, or finish(), waits for it."""
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: Optional[torch.amp.GradScaler]
@@ -289,31 +293,60 @@ class TrainState:
     categories: list
     origin: dict
     scheduler: object = None
+    writer: BackgroundWriter = field(default_factory=BackgroundWriter)
 
     def save(self, names, *, epoch: int, iteration: int, best: dict, meters: dict, eval_pending: bool = False,
-             epoch_time: float = 0.0) -> None:
-        """Every rank contributes its RNG state; rank 0 writes each name atomically; if that fails, every
-        rank raises, so none waits for a partner that stopped."""
+             epoch_time: float = 0.0, wait: bool = False) -> None:
+        """Every rank contributes its RNG state; rank 0 writes. A failed write (this one with wait=True, else
+        the previous one) makes every rank raise together, so none waits for a partner that stopped."""
         rng = dist_utils.all_gather_object(capture_rng_state())
         error = None
         if dist_utils.is_main_process() and self.args.output_dir:
             try:
-                self._write(names, training_state(
+                self.writer.wait()
+                state = snapshot(training_state(
                     self.model, self.optimizer, self.scheduler, self.scaler, self.ema, epoch=epoch,
                     iteration=iteration, iterations=self.iterations, args=self.args, best=best, meters=meters,
                     rng_states=rng, origin=self.origin, categories=self.categories, eval_pending=eval_pending,
                     epoch_time=epoch_time))
+                self.writer.start(lambda: _write(state, names, self.args.output_dir, self.args.keep_checkpoints))
+                if wait:
+                    self.writer.wait()
             except CheckpointWriteError as e:
                 error = e
         if dist_utils.any_rank(error is not None):
             raise error or CheckpointWriteError("rank 0 could not write a checkpoint (its log says why)")
 
-    def _write(self, names, state: dict) -> None:
-        output_dir = self.args.output_dir
-        for name in names:
-            if name.startswith("checkpoint0"):
-                save_numbered(state, output_dir, state["epoch"], self.args.keep_checkpoints)
-            elif name == "checkpoint_best_ema.pth":
-                atomic_save(ema_weights_state(state, self.ema), os.path.join(output_dir, name))
-            else:
-                atomic_save(state, os.path.join(output_dir, name))
+    def finish(self) -> None:
+        """Wait for the last write; its failure is every rank's."""
+        error = None
+        if dist_utils.is_main_process():
+            try:
+                self.writer.wait()
+            except CheckpointWriteError as e:
+                error = e
+        if dist_utils.any_rank(error is not None):
+            raise error or CheckpointWriteError("rank 0 could not write a checkpoint (its log says why)")
+
+
+def _write(state: dict, names: List[str], output_dir: str, keep: int) -> None:
+    """checkpoint.pth first. When the disk has no room for all of them, the other names (numbered, best) are
+    skipped with a warning, so the space left goes to the checkpoint a rerun continues from."""
+    blobs = {"model": seal(state)}
+    if "checkpoint_best_ema.pth" in names:
+        blobs["ema"] = seal(ema_weights_state(state))
+    free = shutil.disk_usage(output_dir).free
+    skipped = []
+    for name in sorted(names, key=lambda n: n != LATEST):
+        blob = blobs["ema" if name == "checkpoint_best_ema.pth" else "model"]
+        size = len(blob.getbuffer())
+        if name != LATEST and free < 2 * size:  # room for this file and the next checkpoint.pth
+            skipped.append(name)
+            continue
+        write_bytes(blob, os.path.join(output_dir, name))
+        free -= size
+        if name.startswith("checkpoint0"):
+            prune_numbered(output_dir, keep)
+    if skipped:
+        logger.warning("the disk has %.0f MB free, too little for %s (%.0f MB each): skipped them, kept %s",
+                       free / 2**20, ", ".join(skipped), len(blobs["model"].getbuffer()) / 2**20, LATEST)
