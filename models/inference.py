@@ -103,7 +103,7 @@ def load_detector(checkpoint, config=None, weights: str = "auto", device="cpu") 
     path = os.fspath(checkpoint)
     saved = load_checkpoint(path)
     args = _model_args(saved, path, config)
-    state_dict, weights = _select_weights(saved, path, weights)
+    state_dict, kind = _select_weights(saved, path, weights)
     try:
         model, _, postprocessors = build_model(args)
         transform = make_coco_transforms("val", args)
@@ -117,10 +117,11 @@ def load_detector(checkpoint, config=None, weights: str = "auto", device="cpu") 
     if report.missing or report.unexpected or report.shape_mismatch:
         raise ValueError(f"the weights in {path} do not fit the model its args describe:\n{report.format()}")
     class_names, category_ids = _label_names(saved, args)
-    logger.info("Loaded %s: %s weights, %d classes, images resized to %s (max %s)", path, weights, args.num_classes,
-                args.data_aug_val_size or max(args.data_aug_scales), args.data_aug_max_size)
+    how = f" (auto: the checkpoint {'holds' if kind == 'ema' else 'has no'} EMA weights)" if weights == "auto" else ""
+    logger.info("Loaded %s: %s weights%s, %d classes, images resized to %s (max %s)", path, kind, how,
+                args.num_classes, args.data_aug_val_size or max(args.data_aug_scales), args.data_aug_max_size)
     return Detector(model.to(device).eval(), postprocessors["bbox"], transform, class_names, category_ids,
-                    weights, args, device)
+                    kind, args, device)
 
 
 def _model_args(checkpoint: dict, path: str, config) -> argparse.Namespace:
@@ -147,8 +148,6 @@ def _select_weights(checkpoint: dict, path: str, weights: str):
     ema_only, has_ema = bool(checkpoint.get("model_is_ema")), "ema_model" in checkpoint
     if weights == "auto":
         weights = "ema" if ema_only or has_ema else "regular"
-        logger.info("weights 'auto': using the %s weights (%s)", weights,
-                    "the checkpoint holds EMA weights" if weights == "ema" else "the checkpoint holds no EMA weights")
     if weights == "regular":
         if ema_only:
             raise ValueError(f"{path} holds only EMA weights: use weights 'ema' or 'auto'")
