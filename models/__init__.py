@@ -31,3 +31,4 @@ def build_model(args):
     criterion = SetCriterion(args.num_classes, matcher, weight_dict, args.focal_alpha, args.dec_layers)
     postprocessors = {"bbox": PostProcess(args.num_select, args.nms_iou_threshold)}
     return model, criterion, postprocessors
+from .inference import Detector, load_detector  # noqa: E402  (after build_model, which it uses)
