@@ -25,11 +25,19 @@ def describe(checkpoint: dict) -> list:
     lines = [f"position:       {where}",
              f"format:         version {checkpoint.get('format_version', 'official/unknown')}, "
              f"torch {checkpoint.get('torch_version', '?')}",
+             f"integrity:      {_integrity(checkpoint.get('integrity'))}",
              f"model:          {len(model)} keys, {sum(v.numel() for v in unique.values()):,} values",
-             f"contents:       {', '.join(sorted(checkpoint))}"]
+             f"contents:       {', '.join(sorted(k for k in checkpoint if k != 'integrity'))}"]
     for kind, best in sorted((checkpoint.get("best") or {}).items()):
         lines.append(f"best {kind + ':':<10}AP {best['ap']:.4f} at epoch {best['epoch']}")
     return lines
+
+
+def _integrity(record) -> str:
+    if record is None:
+        return "no integrity record (an older or foreign file): only zip checksums were verified"
+    return (f"verified: {len(record['members'])} records, {record['payload_bytes']:,} bytes, CRC-32 each; "
+            f"config hash {record['config_hash']}")
 
 
 def main(argv=None) -> int:
@@ -52,8 +60,9 @@ def main(argv=None) -> int:
         for d in diffs:
             print(f"  {d}")
     model = strip_module_prefix(checkpoint["model"])
-    if opts.strip:
-        atomic_save({"model": model}, opts.strip)
+    if opts.strip:  # what predicting and fine-tuning need: the weights, the architecture and the class names
+        kept = {k: checkpoint[k] for k in ("args", "categories", "model_is_ema", "epoch") if k in checkpoint}
+        atomic_save({"model": model, **kept}, opts.strip)
         print(f"wrote weights-only checkpoint {opts.strip}")
     if opts.safetensors:
         from safetensors.torch import save_file
