@@ -393,14 +393,19 @@ def cli(argv=None) -> int:
         return _fail(f"{e}; {_last_save(args)}", 1, args)
     except TRAINING_FAILURES as e:
         return _fail(str(e), 1, args)
-    except torch.distributed.DistBackendError as e:
-        return _fail(f"lost contact with another process of this run, which probably failed (see its error): "
-                     f"{str(e).splitlines()[0]}", 1, args)
     except Exception as e:
+        if _lost_contact(e):
+            return _fail(f"lost contact with another process of this run, which probably failed (see its error): "
+                         f"{str(e).splitlines()[0]}", 1, args)
         if "--debug" in argv:
             raise
         return _fail(f"unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                      f"{_traceback_to_info(args)}", 1, args)
+
+
+def _lost_contact(error: Exception) -> bool:
+    """A collective failed because a partner process ended (NCCL's error, or gloo's closed connection)."""
+    return isinstance(error, torch.distributed.DistBackendError) or "Connection closed by peer" in str(error)
 
 
 def _last_save(args) -> str:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from util import checkpoint as checkpoint_module
 from util import weights
 from util.checkpoint import CheckpointError, CheckpointWriteError, atomic_save, load_checkpoint
 from util.rng import capture_rng_state, restore_rng_state
@@ -33,14 +34,18 @@ def test_atomic_save_failure_keeps_previous_file(tmp_path, monkeypatch):
     atomic_save({'model': _state_dict(), 'epoch': 1}, path)
     before = path.read_bytes()
 
-    def disk_full(obj, f, *args, **kwargs):
-        f.write(b'PK\x03\x04 half a checkpoint')
-        raise OSError(errno.ENOSPC, 'No space left on device')
+    real_atomic_write = checkpoint_module.atomic_write
 
-    monkeypatch.setattr(torch, 'save', disk_full)
-    with pytest.raises(CheckpointWriteError, match='disk full') as info:
+    def disk_full(target, write):
+        def half(f):
+            f.write(b'PK\x03\x04 half a checkpoint')
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        real_atomic_write(target, half)
+
+    monkeypatch.setattr(checkpoint_module, 'atomic_write', disk_full)
+    with pytest.raises(CheckpointWriteError, match='the disk is full') as info:
         atomic_save({'model': _state_dict(), 'epoch': 2}, path)
-    assert str(path) in str(info.value) and 'No space left on device' in str(info.value)
+    assert str(path) in str(info.value) and 'no space left on device' in str(info.value)
     assert isinstance(info.value, RuntimeError)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ['checkpoint.pth']

@@ -31,9 +31,12 @@ def test_reports_position_best_and_config_differences(checkpoint):
 def test_strip_and_safetensors_exports(checkpoint, tmp_path):
     proc = _inspect(checkpoint, "--strip", tmp_path / "w.pth", "--safetensors", tmp_path / "w.safetensors")
     assert proc.returncode == 0, proc.stdout
-    full = torch.load(checkpoint, weights_only=True)["model"]
+    source = torch.load(checkpoint, weights_only=True)
+    full = source["model"]
     stripped = torch.load(tmp_path / "w.pth", weights_only=True)
-    assert set(stripped) == {"model"} and all(torch.equal(full[k], stripped["model"][k]) for k in full)
+    assert set(stripped) == {"model", "args", "categories", "epoch"}  # what predicting and fine-tuning need
+    assert stripped["categories"] == source["categories"] and stripped["args"] == source["args"]
+    assert all(torch.equal(full[k], stripped["model"][k]) for k in full)
     exported = load_file(tmp_path / "w.safetensors")
     assert all(torch.equal(full[k], v) for k, v in exported.items())
     assert "class_embed.0.weight" in exported or "transformer.decoder.class_embed.0.weight" in exported

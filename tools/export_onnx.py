@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torchvision.transforms.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
-from torchvision.ops import box_convert  # noqa: E402
+from models.dino.postprocess import PostProcess  # noqa: E402
 
 from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from models.inference import WEIGHT_CHOICES, as_pil_image, load_detector  # noqa: E402
@@ -39,23 +39,17 @@ UNMATCHED_SHARE = 0.01  # of the detections may lack a twin closer than BOX_TOLE
 
 
 class ExportableDetector(nn.Module):
-    """DINO on an unpadded normalised batch -> (boxes xyxy in [0, 1], scores, labels) of the top num_select.
-
-    The same selection as PostProcess, kept batched: PostProcess loops over the images of a batch, which a
-    graph with a dynamic batch size cannot do."""
+    """DINO on an unpadded normalised batch -> (boxes xyxy in [0, 1], scores, labels) of the top num_select:
+    PostProcess's batched selection, without its per-image scaling and NMS."""
 
     def __init__(self, model: nn.Module, num_select: int):
         super().__init__()
-        self.model, self.num_select = model, num_select
+        self.model, self.num_select, self.select = model, num_select, PostProcess(num_select).select
 
     def forward(self, images: Tensor):
-        outputs = self.model(NestedTensor(images, torch.zeros_like(images[:, 0], dtype=torch.bool)))
-        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
-        num_classes = logits.shape[-1]
-        scores, flat = logits.sigmoid().flatten(1).topk(min(self.num_select, logits.shape[1] * num_classes), dim=1)
-        queries = torch.div(flat, num_classes, rounding_mode="floor")
-        boxes = box_convert(boxes, "cxcywh", "xyxy").gather(1, queries[..., None].expand(-1, -1, 4))
-        return boxes, scores, flat % num_classes
+        no_padding = torch.zeros_like(images[:, 0], dtype=torch.bool)
+        scores, labels, boxes = self.select(self.model(NestedTensor(images, no_padding)))
+        return boxes, scores, labels
 
 
 def coarsest_stride(model) -> int:

@@ -201,12 +201,13 @@ def _check_options(options: dict, cfg: dict, source: str, prefix: str):
             hint = (f"did you mean {' or '.join(repr(prefix + c) for c in close)}?" if close else
                     f"the valid keys are the names set in {source} and its _base_ files")
             raise ValueError(f"--options key {name!r} is not in {source}: {hint}")
-        _check_type(name, value, cfg[key])
         if isinstance(value, dict):
             if not isinstance(cfg[key], dict):
                 raise ValueError(f"--options key {name!r}.* needs {name!r} to be a dict in {source}, "
                                  f"but it is {type(cfg[key]).__name__}")
             _check_options(value, cfg[key], source, name + '.')
+        else:
+            _check_type(name, value, cfg[key])
 
 
 def _check_type(name: str, value, default) -> None:

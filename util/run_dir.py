@@ -18,13 +18,15 @@ class OutputDirError(RuntimeError):
 
 
 def lock(output_dir: str):
-    """Hold output_dir for this process's lifetime. The kernel drops an flock when its holder dies, however it
-    dies, so a killed run never leaves the directory locked. Returns the open file (keep a reference)."""
+    """Hold output_dir for this process's lifetime. The kernel drops the lock when its holder dies, however it
+    dies, so a killed run never leaves the directory locked. A POSIX record lock (lockf), not an flock: forked
+    DataLoader workers do not inherit it, so they cannot keep it alive after a killed main process.
+    Returns the open file (keep a reference; closing any handle of the file releases the lock)."""
     path = os.path.join(output_dir, LOCK)
     handle = open(path, "a+")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
