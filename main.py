@@ -17,7 +17,7 @@ from torch.utils.data import BatchSampler, DataLoader
 
 import util.checkpoint as ckpt
 from datasets import build_dataset, get_coco_api_from_dataset
-from datasets.sampler import ResumableSampler
+from datasets.sampler import GlobalBatchSampler, ShardedSampler
 from engine import Meters, NonFiniteLossError, NonFiniteOutputError, evaluate, train_one_epoch
 from models import build_model, load_pretrained_backbone
 from util import distributed as dist_utils
@@ -138,12 +138,14 @@ def _scheduler(optimizer, args, iterations_per_epoch: int):
 
 
 def _loader(dataset, args, train: bool):
-    """(sampler, loader). Loaders get their own generator: creating an iterator must not draw from the global
-    RNG that training uses, or a resumed run would diverge. Augmentation is seeded per (epoch, index)."""
-    sampler = ResumableSampler(len(dataset), shuffle=train, seed=args.seed, num_replicas=dist_utils.get_world_size(),
-                               rank=dist_utils.get_rank())
-    loader = DataLoader(dataset, batch_sampler=BatchSampler(sampler, args.batch_size, drop_last=train),
-                        collate_fn=collate_fn, num_workers=args.num_workers, generator=torch.Generator(),
+    """(batch sampler, loader). Loaders get their own generator: creating an iterator must not draw from the
+    global RNG that training uses, or a resumed run would diverge. Augmentation is seeded per (epoch, index)."""
+    world_size, rank = dist_utils.get_world_size(), dist_utils.get_rank()
+    if train:
+        sampler = GlobalBatchSampler(len(dataset), args.batch_size, args.seed, world_size, rank)
+    else:
+        sampler = BatchSampler(ShardedSampler(len(dataset), world_size, rank), args.batch_size, drop_last=False)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=args.num_workers, generator=torch.Generator(),
                         worker_init_fn=interrupt.ignore_in_worker)
     if len(loader) == 0:
         raise ValueError(f"the {'training' if train else 'validation'} set has {len(dataset)} images, fewer than "
@@ -215,6 +217,15 @@ def _initial_backbone(model, args) -> None:
                          "backbone_freeze_at=0 to train the whole backbone")
 
 
+def _sample_record(args):
+    """record_sample_ids=True: every process appends each step's image ids to output_dir/sample_ids/rank{R}.txt,
+    a record that checks which images each epoch trained on, across interruptions and process counts."""
+    if not (args.record_sample_ids and args.output_dir):
+        return None
+    os.makedirs(os.path.join(args.output_dir, "sample_ids"), exist_ok=True)
+    return open(os.path.join(args.output_dir, "sample_ids", f"rank{dist_utils.get_rank()}.txt"), "a")
+
+
 def _stop(args, where: str, saved: str) -> None:
     """Log what a stop signal did, truthfully, then end the run with exit code 3."""
     signal_name = interrupt.received() or "a stop signal on another process"
@@ -259,8 +270,8 @@ def main(args) -> int:
         ema = torch.optim.swa_utils.AveragedModel(
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema_decay), use_buffers=True)
 
-    state = resume.TrainState(model, optimizer, scaler, ema, args, iterations, dataset_train.categories(),
-                              resume.run_origin(args))
+    state = resume.TrainState(model, optimizer, scaler, ema, args, iterations, len(dataset_train),
+                              dataset_train.categories(), resume.run_origin(args))
     start = resume.choose_start(args)
     if start.kind == "scratch":
         _initial_backbone(model, args)
@@ -331,7 +342,7 @@ def main(args) -> int:
         names = new_best + [ckpt.LATEST]
         if (epoch + 1) % args.save_checkpoint_interval == 0:
             names.append(f"checkpoint{epoch:04d}.pth")
-        state.save(names, epoch=epoch, iteration=0, best=best, meters={})
+        state.save(names, epoch=epoch, iteration=0, samples_done=0, best=best, meters={})
         logger.info("Epoch %d done in %.0f s: bbox AP %.4f (best %.4f at epoch %d)", epoch, log_stats["epoch_time"],
                     test_stats["coco_eval_bbox"][0], best["regular"]["ap"], best["regular"]["epoch"])
 
@@ -340,32 +351,39 @@ def main(args) -> int:
         evaluate_and_record(**position.pending)
     logger.info("Start training: epochs %d..%d, %d iterations per epoch", position.epoch, args.epochs - 1, iterations)
     started = time.time()
-    start_iter = position.iteration
+    samples_done = position.samples_done  # global samples of position.epoch already trained on
+    sample_record = _sample_record(args)
     for epoch in range(position.epoch, args.epochs):
         epoch_started = time.time()
         train_sampler.set_epoch(epoch)
-        train_sampler.set_start(start_iter * args.batch_size)
+        train_sampler.set_start(samples_done)
+        start_iter = samples_done // train_sampler.global_batch
 
-        def after_iteration(it, meters, epoch=epoch):
+        def after_iteration(it, meters, targets, epoch=epoch, first=samples_done, start_iter=start_iter):
+            done = first + (it - start_iter) * train_sampler.global_batch
+            if sample_record is not None:
+                sample_record.write(f"{epoch} " + " ".join(str(int(t["image_id"])) for t in targets) + "\n")
+                sample_record.flush()
             stop = interrupt.stop_requested()
             due = args.save_every_iters > 0 and it % args.save_every_iters == 0 and it < iterations
             if stop or due:
-                state.save([ckpt.LATEST], epoch=epoch - 1, iteration=it, best=best, meters=meters.state(), wait=stop)
+                state.save([ckpt.LATEST], epoch=epoch - 1, iteration=it, samples_done=done, best=best,
+                           meters=meters.state(), wait=stop)
             if stop:
                 _stop(args, f"epoch {epoch}", f"saved {os.path.join(args.output_dir, ckpt.LATEST)} at iteration {it}")
 
-        meters = Meters(position.meters if start_iter else None)
+        meters = Meters(position.meters if samples_done else None)
         train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, max_norm=args.clip_max_norm,
                         scaler=scaler, amp=amp, ema=ema, iteration_scheduler=state.scheduler if per_iteration else None,
-                        start_iter=start_iter, meters=meters, after_iteration=after_iteration, max_iters=max_iters,
-                        log_progress=args.save_log)
-        start_iter = 0
+                        start_iter=start_iter, steps=train_sampler.steps_left(), meters=meters,
+                        after_iteration=after_iteration, max_iters=max_iters, log_progress=args.save_log)
+        samples_done = 0
         if not per_iteration:
             state.scheduler.step()
         train_time = time.time() - epoch_started
         # Saved before evaluating (as DINO and DETR do): a crash or a kill during a long evaluation loses no training.
-        state.save([ckpt.LATEST], epoch=epoch, iteration=0, best=best, meters=meters.state(), eval_pending=True,
-                   epoch_time=train_time)
+        state.save([ckpt.LATEST], epoch=epoch, iteration=0, samples_done=0, best=best, meters=meters.state(),
+                   eval_pending=True, epoch_time=train_time)
         evaluate_and_record(epoch, meters.state(), train_time)
     state.finish()
     logger.info("Training time %s", datetime.timedelta(seconds=int(time.time() - started)))

@@ -134,6 +134,7 @@ class Position:
     ({'epoch', 'train_meters', 'train_time'}), to evaluate before training goes on."""
     epoch: int = 0
     iteration: int = 0
+    samples_done: int = 0
     best: dict = field(default_factory=dict)
     meters: dict = field(default_factory=dict)
     scheduler_steps: int = 0
@@ -197,6 +198,7 @@ def _restore_full(start: Start, state: "TrainState") -> Position:
             state.ema.load_state_dict(checkpoint["ema_model"])
         else:
             logger.warning("the checkpoint has no EMA weights: the EMA restarts from the current model")
+    layout_note = _restore_data_position(checkpoint, position, state)
     if start.kind == "continue":
         how = f"Continuing the interrupted run in {args.output_dir} ({describe_origin(checkpoint.get('origin', SCRATCH))})"
     else:
@@ -205,7 +207,9 @@ def _restore_full(start: Start, state: "TrainState") -> Position:
                 state.iterations, args.epochs)
     for change in hyperparameter_changes(saved_args, vars(args)):
         logger.info("  changed since the checkpoint: %s", change)
-    _restore_rng(checkpoint, position, saved_args, args)
+    if layout_note:
+        logger.warning("  %s", layout_note)
+    _restore_rng(checkpoint)
     if checkpoint.get("eval_pending"):
         position.pending = {"epoch": checkpoint["epoch"], "train_meters": position.meters,
                             "train_time": checkpoint.get("epoch_time", 0.0)}
@@ -213,6 +217,7 @@ def _restore_full(start: Start, state: "TrainState") -> Position:
     if start.kind == "resume" and args.start_epoch is not None and args.start_epoch != position.epoch:
         logger.info("  --start_epoch %d overrides the checkpoint's epoch %d", args.start_epoch, position.epoch)
         position.epoch, position.iteration, position.meters, position.pending = args.start_epoch, 0, {}, None
+        position.samples_done = 0
         position.scheduler_steps = position.epoch * (state.iterations if args.lr_scheduler == "onecycle" else 1)
     return position
 
@@ -251,14 +256,32 @@ def _apply_configured_lrs(optimizer, args) -> None:
         group["weight_decay"] = args.weight_decay
 
 
-def _restore_rng(checkpoint: dict, position: Position, saved_args: dict, args) -> None:
+def _restore_data_position(checkpoint: dict, position: Position, state: "TrainState") -> Optional[str]:
+    """Where the epoch stands, in global samples. Another number of processes or batch size continues the same
+    epoch order from the same sample; only a checkpoint of the older per-process order restarts the epoch.
+    Returns what changed, for the log."""
+    args, order = state.args, checkpoint.get("data_order") or {}
     world_size = dist_utils.get_world_size()
-    same_layout = saved_args.get("world_size", 1) == world_size and saved_args.get("batch_size") == args.batch_size
-    if position.iteration and not same_layout:
-        logger.warning("  the checkpoint stopped mid-epoch with %s process(es) x batch %s; now %d x %d: the data "
-                       "order differs, so epoch %d restarts from its first iteration", saved_args.get("world_size", 1),
-                       saved_args.get("batch_size"), world_size, args.batch_size, position.epoch)
-        position.iteration, position.meters = 0, {}
+    note = None
+    if order.get("scheme") == "global-batch":
+        position.samples_done = order["samples_done"]
+    elif position.iteration:
+        note = f"the checkpoint stopped mid-epoch in an older data order: epoch {position.epoch} restarts"
+        position.meters = {}
+    saved = (order.get("world_size", 1), order.get("batch_size", args.batch_size))
+    if saved != (world_size, args.batch_size):
+        note = (f"the checkpoint was written by {saved[0]} process(es) x batch {saved[1]}, now {world_size} x "
+                f"{args.batch_size}: " + (f"epoch {position.epoch} continues from sample {position.samples_done} of "
+                                          "its order, split among the processes now running; " if position.samples_done
+                                          else "") +
+                ("the global batch is kept" if saved[0] * saved[1] == world_size * args.batch_size else
+                 f"the global batch changed from {saved[0] * saved[1]} to {world_size * args.batch_size}"))
+    position.iteration = position.samples_done // (world_size * args.batch_size)
+    return note
+
+
+def _restore_rng(checkpoint: dict) -> None:
+    world_size = dist_utils.get_world_size()
     rng = checkpoint.get("rng") or []
     if len(rng) == world_size:
         restore_rng_state(rng[dist_utils.get_rank()])
@@ -290,13 +313,14 @@ class TrainState:
     ema: Optional[torch.nn.Module]
     args: object
     iterations: int
+    num_samples: int
     categories: list
     origin: dict
     scheduler: object = None
     writer: BackgroundWriter = field(default_factory=BackgroundWriter)
 
-    def save(self, names, *, epoch: int, iteration: int, best: dict, meters: dict, eval_pending: bool = False,
-             epoch_time: float = 0.0, wait: bool = False) -> None:
+    def save(self, names, *, epoch: int, iteration: int, samples_done: int, best: dict, meters: dict,
+             eval_pending: bool = False, epoch_time: float = 0.0, wait: bool = False) -> None:
         """Every rank contributes its RNG state; rank 0 writes. A failed write (this one with wait=True, else
         the previous one) makes every rank raise together, so none waits for a partner that stopped."""
         rng = dist_utils.all_gather_object(capture_rng_state())
@@ -306,7 +330,7 @@ class TrainState:
                 self.writer.wait()
                 state = snapshot(training_state(
                     self.model, self.optimizer, self.scheduler, self.scaler, self.ema, epoch=epoch,
-                    iteration=iteration, iterations=self.iterations, args=self.args, best=best, meters=meters,
+                    iteration=iteration, samples_done=samples_done, num_samples=self.num_samples, iterations=self.iterations, args=self.args, best=best, meters=meters,
                     rng_states=rng, origin=self.origin, categories=self.categories, eval_pending=eval_pending,
                     epoch_time=epoch_time))
                 self.writer.start(lambda: _write(state, names, self.args.output_dir, self.args.keep_checkpoints))

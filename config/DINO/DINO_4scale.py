@@ -22,6 +22,7 @@ ema_decay = 0.9997
 save_checkpoint_interval = 1
 keep_checkpoints = 0  # numbered checkpoints to keep; 0 keeps all
 save_every_iters = 0  # also save checkpoint.pth every K iterations; 0 = only at epoch ends
+record_sample_ids = False  # append each step's image ids to output_dir/sample_ids/rank{R}.txt (a debugging record)
 use_tensorboard = False
 
 # backbone
