@@ -27,8 +27,10 @@ class Meters:
 
     def __init__(self, state: Optional[Dict[str, list]] = None):
         self.totals = {k: list(v) for k, v in (state or {}).items()}
+        self.last: Dict[str, float] = {}
 
     def update(self, **values: float) -> None:
+        self.last = {k: float(v) for k, v in values.items()}
         for k, v in values.items():
             total = self.totals.setdefault(k, [0.0, 0])
             total[0] += float(v)

@@ -34,7 +34,7 @@ def _state(config: str) -> dict:
     optimizer.step()
     return training_state(model, optimizer, _scheduler(optimizer, args, 1), None, None, epoch=0, iteration=0,
                           samples_done=0, num_samples=1, iterations=1, args=args, best={}, meters={},
-                          rng_states=[capture_rng_state()], origin={})
+                          rng_states=[capture_rng_state()], facts={})
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from typing import List, Optional
 import torch
 
 from util import distributed as dist_utils
+from util import environment
 from util.checkpoint import (LATEST, BackgroundWriter, CheckpointError, CheckpointWriteError, ema_weights_state,
                              load_checkpoint, numbered_checkpoints, prune_numbered, seal, snapshot, training_state,
                              write_bytes)
@@ -138,6 +139,7 @@ class Position:
     best: dict = field(default_factory=dict)
     meters: dict = field(default_factory=dict)
     scheduler_steps: int = 0
+    recent_losses: list = field(default_factory=list)
     pending: Optional[dict] = None
 
 
@@ -188,7 +190,8 @@ def _restore_full(start: Start, state: "TrainState") -> Position:
                               "check that -c and --options describe the checkpoint's architecture")
     position = Position(epoch=checkpoint["epoch"] + 1, iteration=checkpoint.get("iteration", 0),
                         best=checkpoint.get("best") or {}, meters=checkpoint.get("meters") or {},
-                        scheduler_steps=checkpoint["lr_scheduler"]["last_epoch"])
+                        scheduler_steps=checkpoint["lr_scheduler"]["last_epoch"],
+                        recent_losses=checkpoint.get("recent_losses") or [])
     _restore_optimizer(state.optimizer, checkpoint, path)
     _apply_configured_lrs(state.optimizer, args)
     if state.scaler is not None and "scaler" in checkpoint:
@@ -207,6 +210,9 @@ def _restore_full(start: Start, state: "TrainState") -> Position:
                 state.iterations, args.epochs)
     for change in hyperparameter_changes(saved_args, vars(args)):
         logger.info("  changed since the checkpoint: %s", change)
+    for change in environment.differences(checkpoint.get("environment") or {}, state.facts["environment"]):
+        logger.warning("  the environment changed since the checkpoint: %s", change)
+    _check_data(checkpoint, path, state)
     if layout_note:
         logger.warning("  %s", layout_note)
     _restore_rng(checkpoint)
@@ -220,6 +226,25 @@ def _restore_full(start: Start, state: "TrainState") -> Position:
         position.samples_done = 0
         position.scheduler_steps = position.epoch * (state.iterations if args.lr_scheduler == "onecycle" else 1)
     return position
+
+
+def _check_data(checkpoint: dict, path: str, state: "TrainState") -> None:
+    """Continuing on other data than the checkpoint's is refused unless --allow_data_change says it is meant."""
+    saved, current = checkpoint.get("datasets") or {}, state.facts["datasets"]
+    changes = []
+    for split in sorted(set(saved) & set(current)):
+        before, now = saved[split], current[split]
+        changes += [f"{split} {key}: {before[key]} -> {now[key]}" for key in ("images", "boxes", "categories")
+                    if before[key] != now[key]]
+        if before["sha256"] != now["sha256"] and not any(c.startswith(split) for c in changes):
+            changes.append(f"{split} annotation file {now['annotation_file']}: its content changed")
+    if not changes:
+        return
+    if not state.args.allow_data_change:
+        raise CheckpointError(f"the data changed since {path} was written ({'; '.join(changes)}): pass "
+                              "--allow_data_change to continue on the new data, or point to the old data")
+    for change in changes:
+        logger.warning("  the data changed since the checkpoint (--allow_data_change): %s", change)
 
 
 def _restore_optimizer(optimizer, checkpoint: dict, path: str) -> None:
@@ -314,25 +339,27 @@ class TrainState:
     args: object
     iterations: int
     num_samples: int
-    categories: list
-    origin: dict
+    facts: dict  # origin, categories, environment, datasets: see util.checkpoint.training_state
     scheduler: object = None
     writer: BackgroundWriter = field(default_factory=BackgroundWriter)
 
     def save(self, names, *, epoch: int, iteration: int, samples_done: int, best: dict, meters: dict,
-             eval_pending: bool = False, epoch_time: float = 0.0, wait: bool = False) -> None:
-        """Every rank contributes its RNG state; rank 0 writes. A failed write (this one with wait=True, else
-        the previous one) makes every rank raise together, so none waits for a partner that stopped."""
-        rng = dist_utils.all_gather_object(capture_rng_state())
+             recent_losses: list = (), eval_pending: bool = False, epoch_time: float = 0.0, wait: bool = False,
+             rng_state: Optional[dict] = None) -> None:
+        """Every rank contributes its RNG state (now's, or rng_state, captured at the step being saved); rank 0
+        writes. A failed write (this one with wait=True, else the previous one) makes every rank raise together,
+        so none waits for a partner that stopped."""
+        rng = dist_utils.all_gather_object(rng_state or capture_rng_state())
         error = None
         if dist_utils.is_main_process() and self.args.output_dir:
             try:
                 self.writer.wait()
                 state = snapshot(training_state(
                     self.model, self.optimizer, self.scheduler, self.scaler, self.ema, epoch=epoch,
-                    iteration=iteration, samples_done=samples_done, num_samples=self.num_samples, iterations=self.iterations, args=self.args, best=best, meters=meters,
-                    rng_states=rng, origin=self.origin, categories=self.categories, eval_pending=eval_pending,
-                    epoch_time=epoch_time))
+                    iteration=iteration, samples_done=samples_done, num_samples=self.num_samples,
+                    iterations=self.iterations, args=self.args, best=best, meters=meters, rng_states=rng,
+                    facts=self.facts, eval_pending=eval_pending, epoch_time=epoch_time,
+                    recent_losses=recent_losses))
                 self.writer.start(lambda: _write(state, names, self.args.output_dir, self.args.keep_checkpoints))
                 if wait:
                     self.writer.wait()

@@ -15,6 +15,7 @@ lr_scheduler = "step"  # step (lr_drop) | multistep (lr_drop_list) | onecycle
 lr_drop = 11
 lr_drop_list = [33, 45]
 clip_max_norm = 0.1
+early_stop_patience = 0  # end training after N epochs without a better bbox AP; 0 = off
 use_ema = False
 ema_decay = 0.9997
 
