@@ -27,8 +27,10 @@ class Meters:
 
     def __init__(self, state: Optional[Dict[str, list]] = None):
         self.totals = {k: list(v) for k, v in (state or {}).items()}
+        self.last: Dict[str, float] = {}
 
     def update(self, **values: float) -> None:
+        self.last = {k: float(v) for k, v in values.items()}
         for k, v in values.items():
             total = self.totals.setdefault(k, [0.0, 0])
             total[0] += float(v)
@@ -58,17 +60,19 @@ def _log_line(desc: str, it: int, total: int, started: float, done: int, meters:
 
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int, *, max_norm: float = 0.0,
                     scaler: Optional[torch.amp.GradScaler] = None, amp: bool = False, ema=None,
-                    iteration_scheduler=None, start_iter: int = 0, meters: Optional[Meters] = None,
-                    after_iteration: Optional[Callable[[int, Meters], None]] = None,
+                    iteration_scheduler=None, start_iter: int = 0, steps: Optional[int] = None,
+                    meters: Optional[Meters] = None, after_iteration: Optional[Callable[[int, Meters, tuple], None]] = None,
                     max_iters: Optional[int] = None, log_progress: bool = False) -> Dict[str, float]:
     """Trains from iteration `start_iter` (the loader must already skip the done batches) to the epoch's end.
 
-    `after_iteration(iterations_done, meters)` runs after every optimizer step: the checkpoint hooks live there.
+    `steps`: how many steps the loader yields (default: the rest of the epoch). `after_iteration(iterations_done,
+    meters, targets)` runs after every optimizer step: the checkpoint hooks live there.
     """
     model.train()
     criterion.train()
     meters = meters or Meters()
-    total = len(data_loader) if max_iters is None else min(max_iters, len(data_loader))
+    total = start_iter + steps if steps is not None else len(data_loader)
+    total = total if max_iters is None else min(max_iters, total)
     desc = f"Epoch {epoch}"
     started, log_every = time.time(), max(1, total // 10)
     bar = progress(data_loader, total, start_iter, desc)
@@ -115,7 +119,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
         else:
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}")
         if after_iteration is not None:
-            after_iteration(it, meters)
+            after_iteration(it, meters, targets)
     bar.close()
     return meters.averages()
 

@@ -5,11 +5,9 @@ import json
 import logging
 import os
 import random
-import subprocess
 import sys
 import time
 import traceback
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,14 +15,15 @@ from torch.utils.data import BatchSampler, DataLoader
 
 import util.checkpoint as ckpt
 from datasets import build_dataset, get_coco_api_from_dataset
-from datasets.sampler import ResumableSampler
+from datasets.sampler import GlobalBatchSampler, ShardedSampler
 from engine import Meters, NonFiniteLossError, NonFiniteOutputError, evaluate, train_one_epoch
 from models import build_model, load_pretrained_backbone
 from util import distributed as dist_utils
-from util import interrupt, resume, run_dir
+from util import environment, interrupt, resume, run_dir
 from util.config import DictAction, dump_config, load_config, merge_config
 from util.logger import setup_logging
 from util.misc import collate_fn
+from util.rng import capture_rng_state
 
 logger = logging.getLogger("dino.main")
 
@@ -41,6 +40,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--seed", default=42, type=int, help="random seed (each rank adds its rank)")
     p.add_argument("--resume", default="", help="checkpoint to continue training from (wins over auto-resume)")
+    p.add_argument("--allow_data_change", action="store_true",
+                   help="continue a checkpoint on data that changed since it was written (logged, not refused)")
     p.add_argument("--no_auto_resume", action="store_true",
                    help="do not resume from output_dir/checkpoint.pth when it exists")
     p.add_argument("--pretrain_model_path", default=None, help="load model weights only (fine-tuning)")
@@ -100,14 +101,6 @@ def build_model_main(args):
     return build_model(args)
 
 
-def _git_hash() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -138,12 +131,14 @@ def _scheduler(optimizer, args, iterations_per_epoch: int):
 
 
 def _loader(dataset, args, train: bool):
-    """(sampler, loader). Loaders get their own generator: creating an iterator must not draw from the global
-    RNG that training uses, or a resumed run would diverge. Augmentation is seeded per (epoch, index)."""
-    sampler = ResumableSampler(len(dataset), shuffle=train, seed=args.seed, num_replicas=dist_utils.get_world_size(),
-                               rank=dist_utils.get_rank())
-    loader = DataLoader(dataset, batch_sampler=BatchSampler(sampler, args.batch_size, drop_last=train),
-                        collate_fn=collate_fn, num_workers=args.num_workers, generator=torch.Generator(),
+    """(batch sampler, loader). Loaders get their own generator: creating an iterator must not draw from the
+    global RNG that training uses, or a resumed run would diverge. Augmentation is seeded per (epoch, index)."""
+    world_size, rank = dist_utils.get_world_size(), dist_utils.get_rank()
+    if train:
+        sampler = GlobalBatchSampler(len(dataset), args.batch_size, args.seed, world_size, rank)
+    else:
+        sampler = BatchSampler(ShardedSampler(len(dataset), world_size, rank), args.batch_size, drop_last=False)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=args.num_workers, generator=torch.Generator(),
                         worker_init_fn=interrupt.ignore_in_worker)
     if len(loader) == 0:
         raise ValueError(f"the {'training' if train else 'validation'} set has {len(dataset)} images, fewer than "
@@ -151,9 +146,11 @@ def _loader(dataset, args, train: bool):
     return sampler, loader
 
 
-def _write_header(args) -> None:
+def _write_header(args, run_record: dict) -> None:
     logger.info("command: %s", " ".join([sys.executable] + sys.argv))
-    logger.info("git: %s | world size: %d | device: %s", _git_hash(), dist_utils.get_world_size(), args.device)
+    logger.info("git: %s%s | world size: %d | device: %s", run_record["git_commit"],
+                " (with uncommitted changes)" if run_record["git_dirty"] else "", run_record["world_size"], args.device)
+    logger.info("environment: %s", json.dumps(run_record))
     logger.info("args: %s", json.dumps(ckpt.plain_args(args), sort_keys=True, default=str))
     if args.output_dir:
         dump_config(args.config, os.path.join(args.output_dir, "config_cfg.py"))
@@ -215,6 +212,71 @@ def _initial_backbone(model, args) -> None:
                          "backbone_freeze_at=0 to train the whole backbone")
 
 
+def _save_before_failure(args, state, epoch: int, last: dict, best: dict, losses) -> None:
+    """A training step raised (a data error, a CUDA error, a bug): save the last completed step, so the rerun
+    continues from there. Parameters change only in the optimizer step, after which the step counts as done,
+    so this state is never half-updated. Several processes may be anywhere in a collective: they keep their
+    last periodic save."""
+    if not args.output_dir or dist_utils.get_world_size() > 1 or last["rng_state"] is None:
+        return
+    try:
+        state.save([ckpt.LATEST], epoch=epoch - 1, best=best, recent_losses=losses.recent, wait=True, **last)
+    except ckpt.CheckpointWriteError as e:
+        logger.error("could not save the state before the failure: %s", e)
+        return
+    logger.warning("a training step failed after epoch %d iteration %d: saved %s with that iteration's state; "
+                   "rerun the same command to continue once the cause is fixed", epoch, last["iteration"],
+                   os.path.join(args.output_dir, ckpt.LATEST))
+
+
+class LossWatch:
+    """The last training losses, kept in checkpoints, so that the first losses after a resume can be set beside
+    the last ones before the interruption: a resume that went wrong shows as a jump beyond the usual noise."""
+
+    KEEP, COMPARE = 50, 10
+
+    def __init__(self, before: list):
+        self.before, self.recent, self.after = list(before), list(before), []
+
+    def add(self, loss: float) -> None:
+        self.recent = (self.recent + [loss])[-self.KEEP:]
+        if self.before and len(self.after) < self.COMPARE:
+            self.after.append(loss)
+            if len(self.after) == min(self.COMPARE, len(self.before)):
+                self._report()
+
+    def _report(self) -> None:
+        mean_before = sum(self.before) / len(self.before)
+        spread = (sum((x - mean_before) ** 2 for x in self.before) / max(len(self.before) - 1, 1)) ** 0.5
+        mean_after = sum(self.after) / len(self.after)
+        line = (f"after the resume, the first {len(self.after)} losses average {mean_after:.4f}; the last "
+                f"{len(self.before)} before it averaged {mean_before:.4f} (standard deviation {spread:.4f})")
+        if abs(mean_after - mean_before) > 3 * spread / len(self.after) ** 0.5 + 1e-6 * abs(mean_before):
+            logger.warning("%s: a jump beyond the loss noise; check that the resume restored what you expect", line)
+        else:
+            logger.info(line)
+
+
+def _early_stop(args, best: dict, last_epoch: int) -> bool:
+    """early_stop_patience=N ends training after N evaluated epochs without a better bbox AP. It is derived from
+    the best AP's epoch, which every checkpoint holds, so a resumed run stops where an uninterrupted one would."""
+    best_epoch = best.get("regular", {}).get("epoch")
+    if args.early_stop_patience <= 0 or best_epoch is None or last_epoch - best_epoch < args.early_stop_patience:
+        return False
+    logger.info("Early stop: bbox AP has not improved for %d epochs (best %.4f at epoch %d); training ends after "
+                "epoch %d of %d", last_epoch - best_epoch, best["regular"]["ap"], best_epoch, last_epoch, args.epochs)
+    return True
+
+
+def _sample_record(args):
+    """record_sample_ids=True: every process appends each step's image ids to output_dir/sample_ids/rank{R}.txt,
+    a record that checks which images each epoch trained on, across interruptions and process counts."""
+    if not (args.record_sample_ids and args.output_dir):
+        return None
+    os.makedirs(os.path.join(args.output_dir, "sample_ids"), exist_ok=True)
+    return open(os.path.join(args.output_dir, "sample_ids", f"rank{dist_utils.get_rank()}.txt"), "a")
+
+
 def _stop(args, where: str, saved: str) -> None:
     """Log what a stop signal did, truthfully, then end the run with exit code 3."""
     signal_name = interrupt.received() or "a stop signal on another process"
@@ -233,8 +295,9 @@ def main(args) -> int:
         logger.info("Removed %d temporary file(s) of interrupted saves: %s", len(stale), ", ".join(stale))
     device = torch.device(args.device)
     _seed_everything(args.seed + dist_utils.get_rank())
+    run_record = environment.run_record(dist_utils.get_world_size())
     if dist_utils.is_main_process():
-        _write_header(args)
+        _write_header(args, run_record)
     dataset_val = build_dataset("val", args)  # both splits are checked before anything else takes time
     dataset_train = None if args.eval else build_dataset("train", args)
     base_ds = get_coco_api_from_dataset(dataset_val)
@@ -259,8 +322,9 @@ def main(args) -> int:
         ema = torch.optim.swa_utils.AveragedModel(
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema_decay), use_buffers=True)
 
-    state = resume.TrainState(model, optimizer, scaler, ema, args, iterations, dataset_train.categories(),
-                              resume.run_origin(args))
+    facts = {"origin": resume.run_origin(args), "categories": dataset_train.categories(), "environment": run_record,
+             "datasets": {"train": dataset_train.fingerprint(), "val": dataset_val.fingerprint()}}
+    state = resume.TrainState(model, optimizer, scaler, ema, args, iterations, len(dataset_train), facts)
     start = resume.choose_start(args)
     if start.kind == "scratch":
         _initial_backbone(model, args)
@@ -331,7 +395,7 @@ def main(args) -> int:
         names = new_best + [ckpt.LATEST]
         if (epoch + 1) % args.save_checkpoint_interval == 0:
             names.append(f"checkpoint{epoch:04d}.pth")
-        state.save(names, epoch=epoch, iteration=0, best=best, meters={})
+        state.save(names, epoch=epoch, iteration=0, samples_done=0, best=best, meters={}, recent_losses=losses.recent)
         logger.info("Epoch %d done in %.0f s: bbox AP %.4f (best %.4f at epoch %d)", epoch, log_stats["epoch_time"],
                     test_stats["coco_eval_bbox"][0], best["regular"]["ap"], best["regular"]["epoch"])
 
@@ -340,32 +404,50 @@ def main(args) -> int:
         evaluate_and_record(**position.pending)
     logger.info("Start training: epochs %d..%d, %d iterations per epoch", position.epoch, args.epochs - 1, iterations)
     started = time.time()
-    start_iter = position.iteration
+    samples_done = position.samples_done  # global samples of position.epoch already trained on
+    sample_record = _sample_record(args)
+    losses = LossWatch(position.recent_losses)
     for epoch in range(position.epoch, args.epochs):
+        if _early_stop(args, best, epoch - 1):
+            break
         epoch_started = time.time()
         train_sampler.set_epoch(epoch)
-        train_sampler.set_start(start_iter * args.batch_size)
+        train_sampler.set_start(samples_done)
+        start_iter = samples_done // train_sampler.global_batch
+        meters = Meters(position.meters if samples_done else None)
+        # The last completed step: what a periodic save, a stop signal or a failed step records.
+        last = dict(iteration=start_iter, samples_done=samples_done, meters=meters.state(), rng_state=None)
 
-        def after_iteration(it, meters, epoch=epoch):
+        def after_iteration(it, meters, targets, epoch=epoch, first=samples_done, start_iter=start_iter):
+            last.update(iteration=it, samples_done=first + (it - start_iter) * train_sampler.global_batch,
+                        meters=meters.state(), rng_state=capture_rng_state())
+            losses.add(meters.last["loss"])
+            if sample_record is not None:
+                sample_record.write(f"{epoch} " + " ".join(str(int(t["image_id"])) for t in targets) + "\n")
+                sample_record.flush()
             stop = interrupt.stop_requested()
-            due = args.save_every_iters > 0 and it % args.save_every_iters == 0 and it < iterations
-            if stop or due:
-                state.save([ckpt.LATEST], epoch=epoch - 1, iteration=it, best=best, meters=meters.state(), wait=stop)
+            if stop or (args.save_every_iters > 0 and it % args.save_every_iters == 0 and it < iterations):
+                state.save([ckpt.LATEST], epoch=epoch - 1, best=best, recent_losses=losses.recent, wait=stop, **last)
             if stop:
                 _stop(args, f"epoch {epoch}", f"saved {os.path.join(args.output_dir, ckpt.LATEST)} at iteration {it}")
 
-        meters = Meters(position.meters if start_iter else None)
-        train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, max_norm=args.clip_max_norm,
-                        scaler=scaler, amp=amp, ema=ema, iteration_scheduler=state.scheduler if per_iteration else None,
-                        start_iter=start_iter, meters=meters, after_iteration=after_iteration, max_iters=max_iters,
-                        log_progress=args.save_log)
-        start_iter = 0
+        try:
+            train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, max_norm=args.clip_max_norm,
+                            scaler=scaler, amp=amp, ema=ema,
+                            iteration_scheduler=state.scheduler if per_iteration else None, start_iter=start_iter,
+                            steps=train_sampler.steps_left(), meters=meters, after_iteration=after_iteration,
+                            max_iters=max_iters, log_progress=args.save_log)
+        except Exception as e:
+            if not isinstance(e, (FloatingPointError, ckpt.CheckpointWriteError, interrupt.TrainingInterrupted)):
+                _save_before_failure(args, state, epoch, last, best, losses)
+            raise
+        samples_done = 0
         if not per_iteration:
             state.scheduler.step()
         train_time = time.time() - epoch_started
         # Saved before evaluating (as DINO and DETR do): a crash or a kill during a long evaluation loses no training.
-        state.save([ckpt.LATEST], epoch=epoch, iteration=0, best=best, meters=meters.state(), eval_pending=True,
-                   epoch_time=train_time)
+        state.save([ckpt.LATEST], epoch=epoch, iteration=0, samples_done=0, best=best, meters=meters.state(),
+                   recent_losses=losses.recent, eval_pending=True, epoch_time=train_time)
         evaluate_and_record(epoch, meters.state(), train_time)
     state.finish()
     logger.info("Training time %s", datetime.timedelta(seconds=int(time.time() - started)))

@@ -4,6 +4,7 @@ Indexing with (epoch, index) seeds the augmentation with random.Random(f"{seed}-
 sample looks like depends only on those three numbers: not on worker processes, nor on where a run resumed.
 """
 import contextlib
+import hashlib
 import io
 import logging
 import os
@@ -72,6 +73,17 @@ class CocoDetection(torch.utils.data.Dataset):
     def categories(self) -> list:
         """[{'id', 'name'}] in id order: what the checkpoint records so that predictions can be named."""
         return [{"id": int(c), "name": str(self.coco.cats[c].get("name", c))} for c in sorted(self.coco.cats)]
+
+    def fingerprint(self) -> dict:
+        """What identifies this data: recorded in checkpoints, so that resuming on changed data is noticed. The
+        path is informative only: a dataset moved elsewhere is the same data."""
+        digest = hashlib.sha256()
+        with open(self.ann_file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        return {"annotation_file": self.ann_file, "sha256": digest.hexdigest(), "images": len(self.ids),
+                "boxes": sum(len(objects) for objects in self._objects.values()),
+                "categories": [[c["id"], c["name"]] for c in self.categories()]}
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -22,7 +22,7 @@ from datasets import transforms as T
 from datasets.coco import CocoDetection
 from datasets.validate import read_annotations
 from datasets.coco_eval import CocoEvaluator
-from datasets.sampler import ResumableSampler
+from datasets.sampler import GlobalBatchSampler, ShardedSampler, epoch_order
 from datasets.synthetic import MARKER, ensure_synthetic_coco, generate_synthetic_coco
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -356,30 +356,40 @@ def test_build_uses_override_paths(root, tmp_path):
 
 # --- sampler ---------------------------------------------------------------------------------------------
 
-def test_sampler_splits_pads_and_shuffles_per_epoch():
-    ranks = [ResumableSampler(10, shuffle=True, seed=1, num_replicas=3, rank=r) for r in range(3)]
-    lists = [list(s) for s in ranks]
-    assert [len(s) for s in ranks] == [4, 4, 4] and all(len(l) == 4 for l in lists)
-    assert all(epoch == 0 for l in lists for epoch, _ in l)
-    flat = [i for l in lists for _, i in l]
-    assert sorted(set(flat)) == list(range(10)) and len(flat) == 12
-    order = torch.randperm(10, generator=torch.Generator().manual_seed(1)).tolist()
-    padded = order + order[:2]
-    assert [[i for _, i in l] for l in lists] == [padded[r::3] for r in range(3)]
+def test_training_batches_are_cut_from_one_global_order_per_epoch():
+    ranks = [GlobalBatchSampler(11, batch_size=2, seed=1, num_replicas=2, rank=r) for r in range(2)]
+    order = epoch_order(11, seed=1, epoch=0)
+    assert order == torch.randperm(11, generator=torch.Generator().manual_seed(1)).tolist()
+    batches = [list(s) for s in ranks]
+    assert [len(b) for b in batches] == [2, 2] and len(ranks[0]) == 2  # 11 // 4 steps; the last 3 samples wait
+    for step in range(2):
+        for rank in range(2):
+            assert [i for _, i in batches[rank][step]] == order[4 * step + 2 * rank:4 * step + 2 * rank + 2]
     ranks[0].set_epoch(1)
-    later = list(ranks[0])
-    assert {e for e, _ in later} == {1} and [i for _, i in later] != [i for _, i in lists[0]]
-    assert [i for _, i in ResumableSampler(5, shuffle=False, seed=1)] == [0, 1, 2, 3, 4]
-    assert [i for _, i in ResumableSampler(2, shuffle=False, seed=1, num_replicas=4, rank=3)] == [1]
+    assert {e for batch in ranks[0] for e, _ in batch} == {1}
 
 
-def test_sampler_resumes_mid_epoch():
-    sampler = ResumableSampler(23, shuffle=True, seed=5, num_replicas=2, rank=1)
-    sampler.set_epoch(4)
-    full = list(sampler)
-    batches = list(BatchSampler(sampler, 3, drop_last=True))
-    sampler.set_start(2 * 3)
-    assert list(sampler) == full[6:]
-    assert list(sampler) == full  # the skip applies to one iteration only
-    sampler.set_start(2 * 3)
-    assert list(BatchSampler(sampler, 3, drop_last=True)) == batches[2:]
+def test_the_epoch_continues_from_a_global_sample_on_any_number_of_processes():
+    """4 samples done by 2 processes x 2; the rest goes to 1 process x 2, then 2 x 1: each sample once."""
+    order = epoch_order(12, seed=3, epoch=2)
+    alone = GlobalBatchSampler(12, 2, 3)
+    alone.set_epoch(2)
+    alone.set_start(4)
+    assert alone.steps_left() == 4
+    later = [i for batch in alone for _, i in batch][:4]
+    assert later == order[4:8]
+    seen = []
+    for rank in range(2):
+        sampler = GlobalBatchSampler(12, 1, 3, num_replicas=2, rank=rank)
+        sampler.set_epoch(2)
+        sampler.set_start(8)
+        seen += [i for batch in sampler for _, i in batch]
+    assert sorted(order[:4] + later + seen) == list(range(12))
+    alone.set_start(4)
+    assert len(list(alone)) == 4 and len(list(alone)) == 6  # the start applies to one pass only
+
+
+def test_evaluation_shards_cover_every_sample():
+    shards = [[i for _, i in ShardedSampler(5, num_replicas=2, rank=r)] for r in range(2)]
+    assert shards == [[0, 2, 4], [1, 3, 0]]
+    assert [i for _, i in ShardedSampler(5)] == [0, 1, 2, 3, 4]

@@ -2,7 +2,6 @@
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -10,9 +9,9 @@ import time
 
 import torch
 
-from datasets.sampler import ResumableSampler
+from datasets.sampler import GlobalBatchSampler
 from datasets.synthetic import ensure_synthetic_coco
-from runner import ROOT, TINY_OPTIONS, read_log, run_main, wait_for_line
+from runner import ROOT, TINY_OPTIONS, popen_main, read_log, run_main, wait_for_line
 
 
 def _torchrun(data, out, *extra):
@@ -23,29 +22,46 @@ def _torchrun(data, out, *extra):
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
 
 
-def test_torchrun_two_processes_interrupted_mid_epoch_and_resumed(tmp_path):
+def test_a_mid_epoch_checkpoint_continues_on_any_number_of_processes(tmp_path):
+    """2 processes stopped mid-epoch, continued on 1 and stopped mid-epoch again, then on 2 to the end: every
+    epoch trains on every image exactly once, by the record of the image ids each process trained on."""
     data, out = tmp_path / "data", tmp_path / "out"
-    first = _torchrun(data, out)
-    wait_for_line(first, "Epoch 1 [1/6]")  # after a full epoch with its evaluation
+    record = ["--options", "record_sample_ids=True"]
+    first = _torchrun(data, out, *record)
+    wait_for_line(first, "Epoch 1 [2/6]")  # after a full epoch with its evaluation
     os.killpg(first.pid, signal.SIGTERM)  # what a scheduler does: every process of the job gets it
-    first_out = first.communicate(timeout=240)[0]
+    first_out = first.communicate(timeout=240)[0]  # torchrun itself exits 1 on SIGTERM; its workers saved first
+    assert "SIGTERM received during epoch 1: saved" in first_out, first_out[-3000:]
     saved = torch.load(out / "checkpoint.pth", weights_only=True)
-    assert saved["epoch"] >= 0 and saved["iteration"] > 0, first_out[-3000:]
-    assert len(saved["rng"]) == 2  # one RNG state per process
-    shutil.copytree(out, tmp_path / "one_process")
-    second = _torchrun(data, out)
-    second_out = second.communicate(timeout=300)[0]
-    assert second.returncode == 0, second_out[-4000:]
-    assert f"epoch {saved['epoch'] + 1}, iteration {saved['iteration']} of 6" in second_out
+    assert saved["epoch"] == 0 and saved["iteration"] > 0 and len(saved["rng"]) == 2, first_out[-3000:]
+    assert saved["data_order"]["samples_done"] == 4 * saved["iteration"]
+
+    alone = popen_main(data, out, options=["synthetic_num_train=24", "epochs=3", "record_sample_ids=True"])
+    text = wait_for_line(alone, "Epoch 1 [")
+    alone.send_signal(signal.SIGTERM)
+    text += alone.communicate(timeout=120)[0]
+    assert alone.returncode == 3, text[-3000:]
+    done = saved["data_order"]["samples_done"]
+    assert (f"iteration {done // 2} of 12" in text and "written by 2 process(es) x batch 2, now 1 x 2: epoch 1 "
+            f"continues from sample {done} of its order") in text, text[-3000:]
+    inspected = subprocess.run([sys.executable, "tools/inspect_checkpoint.py", str(out / "checkpoint.pth")],
+                               cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True).stdout
+    assert re.search(r"epoch 1: \d+ of 24 images done, by 1 process\(es\) x batch 2", inspected), inspected
+
+    last = _torchrun(data, out, *record)
+    last_out = last.communicate(timeout=300)[0]
+    assert last.returncode == 0, last_out[-4000:]
+    assert "now 2 x 2" in last_out and "Continuing the interrupted run" in last_out
     assert [e["epoch"] for e in read_log(out)] == [0, 1, 2]  # one line per epoch, written by rank 0 only
     info = (out / "info.txt").read_text()
-    assert info.count("command:") == 2 and "world size: 2" in info
-    assert len(read_log(out)[-1]["test_coco_eval_bbox"]) == 12
-
-    # The same mid-epoch checkpoint on one process (a node was lost): the epoch restarts, and says so.
-    alone = run_main(data, tmp_path / "one_process", options=["synthetic_num_train=24", "epochs=3"])
-    assert "the data order differs, so epoch" in alone.stdout and "restarts from its first iteration" in alone.stdout
-    assert [e["epoch"] for e in read_log(tmp_path / "one_process")] == [0, 1, 2]
+    assert info.count("command:") == 3 and "world size: 2" in info
+    trained = {}
+    for rank_file in (out / "sample_ids").glob("rank*.txt"):
+        for line in rank_file.read_text().splitlines():
+            epoch, *ids = map(int, line.split())
+            trained.setdefault(epoch, []).extend(ids)
+    assert sorted(trained) == [0, 1, 2]
+    assert all(sorted(ids) == list(range(1, 25)) for ids in trained.values()), trained
 
 
 def test_a_rank_whose_batch_has_no_boxes_neither_hangs_nor_crashes(tmp_path):
@@ -69,10 +85,9 @@ def test_a_rank_whose_batch_has_no_boxes_neither_hangs_nor_crashes(tmp_path):
 
 
 def _rank_batches(num_images, rank):
-    sampler = ResumableSampler(num_images, shuffle=True, seed=42, num_replicas=2, rank=rank)
+    sampler = GlobalBatchSampler(num_images, batch_size=2, seed=42, num_replicas=2, rank=rank)
     sampler.set_epoch(0)
-    samples = list(sampler)
-    return [samples[i:i + 2] for i in range(0, len(samples) - 1, 2)]
+    return list(sampler)
 
 
 def _children(pid):

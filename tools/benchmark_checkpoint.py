@@ -33,7 +33,8 @@ def _state(config: str) -> dict:
         p.grad = torch.zeros_like(p) if p.requires_grad else None
     optimizer.step()
     return training_state(model, optimizer, _scheduler(optimizer, args, 1), None, None, epoch=0, iteration=0,
-                          iterations=1, args=args, best={}, meters={}, rng_states=[capture_rng_state()], origin={})
+                          samples_done=0, num_samples=1, iterations=1, args=args, best={}, meters={},
+                          rng_states=[capture_rng_state()], facts={})
 
 
 def main() -> None:

@@ -20,8 +20,14 @@ def describe(checkpoint: dict) -> list:
     model = checkpoint["model"]
     unique = {v.data_ptr(): v for v in model.values() if hasattr(v, "data_ptr")}
     epoch, iteration = checkpoint.get("epoch"), checkpoint.get("iteration", 0)
+    order = checkpoint.get("data_order") or {}
     where = "no training state (weights only)" if epoch is None else (
         f"epoch {epoch} completed" if not iteration else f"epoch {epoch + 1}, {iteration} iterations done")
+    if iteration and "num_samples" in order:
+        where += (f" (epoch {epoch + 1}: {order['samples_done']} of {order['num_samples']} images done, by "
+                  f"{order['world_size']} process(es) x batch {order['batch_size']})")
+    if checkpoint.get("eval_pending"):
+        where += f"; epoch {epoch} is trained but not yet evaluated"
     lines = [f"position:       {where}",
              f"format:         version {checkpoint.get('format_version', 'official/unknown')}, "
              f"torch {checkpoint.get('torch_version', '?')}",

@@ -235,7 +235,7 @@ def _first_sentence(error: Exception) -> str:
 # ---------------------------------------------------------------------------------------------
 # Training checkpoints: what they hold and where they live in output_dir
 
-FORMAT_VERSION = 2  # 2: 'origin', 'eval_pending', 'epoch_time'
+FORMAT_VERSION = 2  # 2: 'origin', 'environment', 'datasets', 'eval_pending', 'epoch_time', global 'samples_done'
 LATEST = 'checkpoint.pth'
 _NUMBERED = re.compile(r'checkpoint(\d{4})\.pth$')
 _TEMPORARY = re.compile(r'^\..+\.tmp-\d+$')  # util.misc.atomic_write's temporary files
@@ -247,12 +247,16 @@ def plain_args(args) -> dict:
             if k != 'config' and isinstance(v, (int, float, str, bool, list, tuple, dict, type(None)))}
 
 
-def training_state(model, optimizer, lr_scheduler, scaler, ema, *, epoch: int, iteration: int, iterations: int,
-                   args, best: dict, meters: dict, rng_states: list, origin: dict, categories: list = (),
-                   eval_pending: bool = False, epoch_time: float = 0.0) -> dict:
-    """Everything needed to continue exactly. `epoch` is the last completed epoch (DINO's convention) and
-    `iteration` the steps already done in epoch + 1 (0 at an epoch boundary). `eval_pending`: epoch `epoch`
-    is trained but not yet evaluated; `meters` then holds its loss sums and `epoch_time` its training time."""
+def training_state(model, optimizer, lr_scheduler, scaler, ema, *, epoch: int, iteration: int, samples_done: int,
+                   num_samples: int, iterations: int, args, best: dict, meters: dict, rng_states: list, facts: dict,
+                   eval_pending: bool = False, epoch_time: float = 0.0, recent_losses: list = ()) -> dict:
+    """Everything needed to continue exactly. `epoch` is the last completed epoch (DINO's convention),
+    `iteration` the steps already done in epoch + 1 and `samples_done` the global samples they took from the
+    epoch's order (both 0 at an epoch boundary). `eval_pending`: epoch `epoch` is trained but not yet
+    evaluated; `meters` then holds its loss sums and `epoch_time` its training time. `facts` are the run's
+    fixed records: 'origin' (its starting point, util/resume.py), 'categories' (the training set's
+    [{'id', 'name'}], so a checkpoint alone can name what it detects), 'environment' (util/environment.py)
+    and 'datasets' (each split's fingerprint)."""
     state = {
         'model': model.state_dict(),
         'optimizer': optimizer.state_dict(),
@@ -260,17 +264,15 @@ def training_state(model, optimizer, lr_scheduler, scaler, ema, *, epoch: int, i
         'epoch': epoch,
         'iteration': iteration,
         'iterations_per_epoch': iterations,
-        # The data order is a pure function of these (see datasets/sampler.py), so nothing else is needed to
-        # skip exactly the batches already trained on.
-        'data_order': {'seed': args.seed, 'world_size': getattr(args, 'world_size', 1), 'batch_size': args.batch_size,
-                       'samples_done_per_rank': iteration * args.batch_size},
+        # The data order is a pure function of the seed and the epoch (datasets/sampler.py): samples_done says
+        # exactly which samples of it were trained on, whatever the number of processes that continues.
+        'data_order': {'scheme': 'global-batch', 'seed': args.seed, 'world_size': getattr(args, 'world_size', 1),
+                       'batch_size': args.batch_size, 'samples_done': samples_done, 'num_samples': num_samples},
         'args': plain_args(args),
-        # The starting point of the run that wrote this file (util/resume.py): a rerun of the same command continues it.
-        'origin': dict(origin),
-        # The training set's [{'id', 'name'}], so a checkpoint alone can name what it detects.
-        'categories': list(categories),
+        **facts,
         'best': dict(best),
         'meters': meters,
+        'recent_losses': list(recent_losses),  # the last training losses: compared with the first after a resume
         'eval_pending': eval_pending,
         'epoch_time': epoch_time,
         'rng': rng_states,

@@ -15,6 +15,7 @@ from typing import List, Optional
 import torch
 
 from util import distributed as dist_utils
+from util import environment
 from util.checkpoint import (LATEST, BackgroundWriter, CheckpointError, CheckpointWriteError, ema_weights_state,
                              load_checkpoint, numbered_checkpoints, prune_numbered, seal, snapshot, training_state,
                              write_bytes)
@@ -134,9 +135,11 @@ class Position:
     ({'epoch', 'train_meters', 'train_time'}), to evaluate before training goes on."""
     epoch: int = 0
     iteration: int = 0
+    samples_done: int = 0
     best: dict = field(default_factory=dict)
     meters: dict = field(default_factory=dict)
     scheduler_steps: int = 0
+    recent_losses: list = field(default_factory=list)
     pending: Optional[dict] = None
 
 
@@ -187,7 +190,8 @@ def _restore_full(start: Start, state: "TrainState") -> Position:
                               "check that -c and --options describe the checkpoint's architecture")
     position = Position(epoch=checkpoint["epoch"] + 1, iteration=checkpoint.get("iteration", 0),
                         best=checkpoint.get("best") or {}, meters=checkpoint.get("meters") or {},
-                        scheduler_steps=checkpoint["lr_scheduler"]["last_epoch"])
+                        scheduler_steps=checkpoint["lr_scheduler"]["last_epoch"],
+                        recent_losses=checkpoint.get("recent_losses") or [])
     _restore_optimizer(state.optimizer, checkpoint, path)
     _apply_configured_lrs(state.optimizer, args)
     if state.scaler is not None and "scaler" in checkpoint:
@@ -197,6 +201,7 @@ def _restore_full(start: Start, state: "TrainState") -> Position:
             state.ema.load_state_dict(checkpoint["ema_model"])
         else:
             logger.warning("the checkpoint has no EMA weights: the EMA restarts from the current model")
+    layout_note = _restore_data_position(checkpoint, position, state)
     if start.kind == "continue":
         how = f"Continuing the interrupted run in {args.output_dir} ({describe_origin(checkpoint.get('origin', SCRATCH))})"
     else:
@@ -205,7 +210,12 @@ def _restore_full(start: Start, state: "TrainState") -> Position:
                 state.iterations, args.epochs)
     for change in hyperparameter_changes(saved_args, vars(args)):
         logger.info("  changed since the checkpoint: %s", change)
-    _restore_rng(checkpoint, position, saved_args, args)
+    for change in environment.differences(checkpoint.get("environment") or {}, state.facts["environment"]):
+        logger.warning("  the environment changed since the checkpoint: %s", change)
+    _check_data(checkpoint, path, state)
+    if layout_note:
+        logger.warning("  %s", layout_note)
+    _restore_rng(checkpoint)
     if checkpoint.get("eval_pending"):
         position.pending = {"epoch": checkpoint["epoch"], "train_meters": position.meters,
                             "train_time": checkpoint.get("epoch_time", 0.0)}
@@ -213,8 +223,28 @@ def _restore_full(start: Start, state: "TrainState") -> Position:
     if start.kind == "resume" and args.start_epoch is not None and args.start_epoch != position.epoch:
         logger.info("  --start_epoch %d overrides the checkpoint's epoch %d", args.start_epoch, position.epoch)
         position.epoch, position.iteration, position.meters, position.pending = args.start_epoch, 0, {}, None
+        position.samples_done = 0
         position.scheduler_steps = position.epoch * (state.iterations if args.lr_scheduler == "onecycle" else 1)
     return position
+
+
+def _check_data(checkpoint: dict, path: str, state: "TrainState") -> None:
+    """Continuing on other data than the checkpoint's is refused unless --allow_data_change says it is meant."""
+    saved, current = checkpoint.get("datasets") or {}, state.facts["datasets"]
+    changes = []
+    for split in sorted(set(saved) & set(current)):
+        before, now = saved[split], current[split]
+        changes += [f"{split} {key}: {before[key]} -> {now[key]}" for key in ("images", "boxes", "categories")
+                    if before[key] != now[key]]
+        if before["sha256"] != now["sha256"] and not any(c.startswith(split) for c in changes):
+            changes.append(f"{split} annotation file {now['annotation_file']}: its content changed")
+    if not changes:
+        return
+    if not state.args.allow_data_change:
+        raise CheckpointError(f"the data changed since {path} was written ({'; '.join(changes)}): pass "
+                              "--allow_data_change to continue on the new data, or point to the old data")
+    for change in changes:
+        logger.warning("  the data changed since the checkpoint (--allow_data_change): %s", change)
 
 
 def _restore_optimizer(optimizer, checkpoint: dict, path: str) -> None:
@@ -251,14 +281,32 @@ def _apply_configured_lrs(optimizer, args) -> None:
         group["weight_decay"] = args.weight_decay
 
 
-def _restore_rng(checkpoint: dict, position: Position, saved_args: dict, args) -> None:
+def _restore_data_position(checkpoint: dict, position: Position, state: "TrainState") -> Optional[str]:
+    """Where the epoch stands, in global samples. Another number of processes or batch size continues the same
+    epoch order from the same sample; only a checkpoint of the older per-process order restarts the epoch.
+    Returns what changed, for the log."""
+    args, order = state.args, checkpoint.get("data_order") or {}
     world_size = dist_utils.get_world_size()
-    same_layout = saved_args.get("world_size", 1) == world_size and saved_args.get("batch_size") == args.batch_size
-    if position.iteration and not same_layout:
-        logger.warning("  the checkpoint stopped mid-epoch with %s process(es) x batch %s; now %d x %d: the data "
-                       "order differs, so epoch %d restarts from its first iteration", saved_args.get("world_size", 1),
-                       saved_args.get("batch_size"), world_size, args.batch_size, position.epoch)
-        position.iteration, position.meters = 0, {}
+    note = None
+    if order.get("scheme") == "global-batch":
+        position.samples_done = order["samples_done"]
+    elif position.iteration:
+        note = f"the checkpoint stopped mid-epoch in an older data order: epoch {position.epoch} restarts"
+        position.meters = {}
+    saved = (order.get("world_size", 1), order.get("batch_size", args.batch_size))
+    if saved != (world_size, args.batch_size):
+        note = (f"the checkpoint was written by {saved[0]} process(es) x batch {saved[1]}, now {world_size} x "
+                f"{args.batch_size}: " + (f"epoch {position.epoch} continues from sample {position.samples_done} of "
+                                          "its order, split among the processes now running; " if position.samples_done
+                                          else "") +
+                ("the global batch is kept" if saved[0] * saved[1] == world_size * args.batch_size else
+                 f"the global batch changed from {saved[0] * saved[1]} to {world_size * args.batch_size}"))
+    position.iteration = position.samples_done // (world_size * args.batch_size)
+    return note
+
+
+def _restore_rng(checkpoint: dict) -> None:
+    world_size = dist_utils.get_world_size()
     rng = checkpoint.get("rng") or []
     if len(rng) == world_size:
         restore_rng_state(rng[dist_utils.get_rank()])
@@ -290,25 +338,28 @@ class TrainState:
     ema: Optional[torch.nn.Module]
     args: object
     iterations: int
-    categories: list
-    origin: dict
+    num_samples: int
+    facts: dict  # origin, categories, environment, datasets: see util.checkpoint.training_state
     scheduler: object = None
     writer: BackgroundWriter = field(default_factory=BackgroundWriter)
 
-    def save(self, names, *, epoch: int, iteration: int, best: dict, meters: dict, eval_pending: bool = False,
-             epoch_time: float = 0.0, wait: bool = False) -> None:
-        """Every rank contributes its RNG state; rank 0 writes. A failed write (this one with wait=True, else
-        the previous one) makes every rank raise together, so none waits for a partner that stopped."""
-        rng = dist_utils.all_gather_object(capture_rng_state())
+    def save(self, names, *, epoch: int, iteration: int, samples_done: int, best: dict, meters: dict,
+             recent_losses: list = (), eval_pending: bool = False, epoch_time: float = 0.0, wait: bool = False,
+             rng_state: Optional[dict] = None) -> None:
+        """Every rank contributes its RNG state (now's, or rng_state, captured at the step being saved); rank 0
+        writes. A failed write (this one with wait=True, else the previous one) makes every rank raise together,
+        so none waits for a partner that stopped."""
+        rng = dist_utils.all_gather_object(rng_state or capture_rng_state())
         error = None
         if dist_utils.is_main_process() and self.args.output_dir:
             try:
                 self.writer.wait()
                 state = snapshot(training_state(
                     self.model, self.optimizer, self.scheduler, self.scaler, self.ema, epoch=epoch,
-                    iteration=iteration, iterations=self.iterations, args=self.args, best=best, meters=meters,
-                    rng_states=rng, origin=self.origin, categories=self.categories, eval_pending=eval_pending,
-                    epoch_time=epoch_time))
+                    iteration=iteration, samples_done=samples_done, num_samples=self.num_samples,
+                    iterations=self.iterations, args=self.args, best=best, meters=meters, rng_states=rng,
+                    facts=self.facts, eval_pending=eval_pending, epoch_time=epoch_time,
+                    recent_losses=recent_losses))
                 self.writer.start(lambda: _write(state, names, self.args.output_dir, self.args.keep_checkpoints))
                 if wait:
                     self.writer.wait()

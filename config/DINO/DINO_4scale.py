@@ -15,6 +15,7 @@ lr_scheduler = "step"  # step (lr_drop) | multistep (lr_drop_list) | onecycle
 lr_drop = 11
 lr_drop_list = [33, 45]
 clip_max_norm = 0.1
+early_stop_patience = 0  # end training after N epochs without a better bbox AP; 0 = off
 use_ema = False
 ema_decay = 0.9997
 
@@ -22,6 +23,7 @@ ema_decay = 0.9997
 save_checkpoint_interval = 1
 keep_checkpoints = 0  # numbered checkpoints to keep; 0 keeps all
 save_every_iters = 0  # also save checkpoint.pth every K iterations; 0 = only at epoch ends
+record_sample_ids = False  # append each step's image ids to output_dir/sample_ids/rank{R}.txt (a debugging record)
 use_tensorboard = False
 
 # backbone

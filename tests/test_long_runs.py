@@ -1,0 +1,106 @@
+"""Long schedules without babysitting: early stopping, a save before a failing step, run records, the data
+fingerprint and the loss check after a resume, each resumable like the rest of training."""
+import json
+import shutil
+import signal
+
+import pytest
+import torch
+
+from runner import ROOT, assert_same_training, popen_main, read_log, run_main, wait_for_line
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    run_main(data, out)
+    return out
+
+
+def test_early_stopping_ends_where_an_uninterrupted_run_does(data, tmp_path):
+    options = ["epochs=6", "early_stop_patience=1", "lr=1e-6", "lr_backbone=1e-6"]  # AP will not improve
+    whole = run_main(data, tmp_path / "whole", options=options)
+    assert "Early stop: bbox AP has not improved for 1 epochs" in whole.stdout
+    epochs = [e["epoch"] for e in read_log(tmp_path / "whole")]
+    assert len(epochs) < 6
+
+    proc = popen_main(data, tmp_path / "cut", options=options)
+    wait_for_line(proc, "Epoch 1 [3/8]")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.communicate(timeout=120)[0] and proc.returncode == 3
+    rerun = run_main(data, tmp_path / "cut", options=options)
+    assert "Early stop" in rerun.stdout
+    assert [e["epoch"] for e in read_log(tmp_path / "cut")] == epochs
+    assert_same_training(tmp_path / "whole", tmp_path / "cut")
+    again = run_main(data, tmp_path / "cut", options=options)  # a finished run stays finished
+    assert "Early stop" in again.stdout and [e["epoch"] for e in read_log(tmp_path / "cut")] == epochs
+
+
+FAILING_STEP = """
+import sys
+sys.path.insert(0, {root!r})
+import main
+from models.dino.dino import DINO
+
+calls = [0]
+real_forward = DINO.forward
+
+
+def failing_forward(self, *args, **kwargs):
+    calls[0] += 1
+    if self.training and calls[0] == 6:
+        raise RuntimeError("injected failure in the sixth step")
+    return real_forward(self, *args, **kwargs)
+
+
+DINO.forward = failing_forward
+sys.exit(main.cli())
+"""
+
+
+def test_a_failing_step_saves_the_last_completed_one_and_the_rerun_continues(data, reference, tmp_path):
+    script = tmp_path / "failing_main.py"
+    script.write_text(FAILING_STEP.format(root=str(ROOT)))
+    proc = popen_main(data, tmp_path / "run", script=str(script))
+    output = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 1, output[-3000:]
+    assert "a training step failed after epoch 0 iteration 5: saved" in output
+    assert output.strip().splitlines()[-1].startswith("error: unexpected RuntimeError: injected failure")
+    saved = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
+    assert (saved["epoch"], saved["iteration"]) == (-1, 5)
+    rerun = run_main(data, tmp_path / "run")
+    assert "Continuing the interrupted run" in rerun.stdout and "epoch 0, iteration 5 of 8" in rerun.stdout
+    assert "after the resume, the first" in rerun.stdout
+    assert_same_training(reference, tmp_path / "run")
+
+
+def test_changed_training_data_is_refused_on_resume_unless_allowed(data, tmp_path):
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    run_main(copy, tmp_path / "run", options=["epochs=1"])
+    saved = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
+    assert saved["datasets"]["train"]["images"] == 16 and len(saved["datasets"]["val"]["sha256"]) == 64
+    ann = copy / "annotations" / "instances_train2017.json"
+    coco = json.loads(ann.read_text())
+    coco["annotations"] = coco["annotations"][1:]
+    ann.write_text(json.dumps(coco))
+    refused = run_main(copy, tmp_path / "run", check=False)
+    last = refused.stdout.strip().splitlines()[-1]
+    assert refused.returncode == 2 and last.startswith("error: the data changed since"), last
+    boxes = saved["datasets"]["train"]["boxes"]
+    assert f"train boxes: {boxes} -> {boxes - 1}" in last and "--allow_data_change" in last
+    allowed = run_main(copy, tmp_path / "run", "--allow_data_change")
+    assert "the data changed since the checkpoint (--allow_data_change): train boxes" in allowed.stdout
+
+
+def test_run_records_are_kept_and_their_changes_listed_on_resume(data, tmp_path):
+    run_main(data, tmp_path, options=["epochs=1"])
+    info = (tmp_path / "info.txt").read_text()
+    record = json.loads(info.split("environment: ")[1].splitlines()[0])
+    assert record["torch"] == str(torch.__version__) and record["world_size"] == 1 and "git_dirty" in record
+    checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert checkpoint["environment"] == record
+    checkpoint["environment"]["torch"] = "1.0.0"
+    torch.save(checkpoint, tmp_path / "checkpoint.pth")
+    resumed = run_main(data, tmp_path)
+    assert f"the environment changed since the checkpoint: torch: 1.0.0 -> {torch.__version__}" in resumed.stdout
