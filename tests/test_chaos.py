@@ -101,7 +101,8 @@ def test_any_difference_from_the_reference_is_found_and_fails_the_scoreboard(one
 def test_a_command_the_tool_cannot_score_is_refused_in_one_line(tmp_path, capsys, extra, used, message):
     if used:
         (tmp_path / "chaos").mkdir()
-    code = chaos_main(["--kills", "1", "--workdir", str(tmp_path), "-c", str(ROOT / "config/DINO/DINO_demo.py"), *extra])
+    code = chaos_main(["--kills", "1", "--workdir", str(tmp_path), "-c", str(ROOT / "config/DINO/DINO_demo.py"),
+                       *extra])
     out, err = capsys.readouterr()
     assert code == 2 and out == "" and message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "reference").exists()

@@ -5,8 +5,8 @@ ends exactly where an uninterrupted run ends.
         -c config/DINO/DINO_demo.py [--coco_path DIR] [--num_workers N] [--options k=v ...] [-- MAIN_ARGS]
 
 Every argument that is not one of the tool's own goes to main.py (those after `--` always do: main.py's own
---seed, for instance); the tool adds --output_dir and --save_log. Each start's output is kept in
-WORKDIR/starts/NN.log. The tool:
+--seed, for instance); the tool adds --output_dir and --save_log. The outputs are kept in WORKDIR/reference.log
+and WORKDIR/starts/NN.log (one per start of the chaos run). The tool:
 1. runs the command once, uninterrupted, into WORKDIR/reference;
 2. runs it into WORKDIR/chaos and kills it --kills times, rerunning the same command after each kill. The
    instants are drawn with --seed over the reference run's progress lines ('Epoch E [i/n]', 'Evaluating
@@ -17,8 +17,9 @@ WORKDIR/starts/NN.log. The tool:
    (half of the killed starts get --num_workers 2). Before each rerun the tool waits until every process
    of the killed one (orphaned DataLoader workers included) has exited, as a scheduler would;
 3. once between two starts flips one bit in the middle of checkpoint.pth (as soon as a numbered checkpoint
-   exists to fall back to; not with --no_bit_flip), and once runs a start under a file-size limit of half a checkpoint: it must fail
-   its first save with exit code 1 and 'error: could not write checkpoint', leaving checkpoint.pth as it was;
+   exists to fall back to; not with --no_bit_flip), and once runs a start under a file-size limit of half a
+   checkpoint: it must fail its first save with exit code 1 and 'error: could not write checkpoint', leaving
+   checkpoint.pth as it was;
 4. lets the last start finish and compares with the reference: the model and optimizer tensors of
    checkpoint.pth (torch.equal), and log.txt's train_* values and test_coco_eval_bbox, epoch by epoch.
 
@@ -328,7 +329,8 @@ def _flat(optimizer_state: dict) -> dict:
 def _tensor_differences(what: str, ref: dict, got: dict) -> List[str]:
     if ref.keys() != got.keys():
         return [f"{what}: {len(ref.keys() ^ got.keys())} keys are not in both"]
-    bad = [k for k in ref if not (torch.equal(ref[k], got[k]) if isinstance(ref[k], torch.Tensor) else ref[k] == got[k])]
+    bad = [k for k in ref
+           if not (torch.equal(ref[k], got[k]) if isinstance(ref[k], torch.Tensor) else ref[k] == got[k])]
     return [f"{what}: {len(bad)} of {len(ref)} tensors differ, e.g. {bad[0]}"] if bad else []
 
 
@@ -360,6 +362,7 @@ def sha256(path: Path) -> Optional[str]:
 
 @dataclass
 class Board:
+    """The scoreboard (the module's docstring defines each number)."""
     landed: int = 0
     survived: int = 0
     failures: int = 0
@@ -380,12 +383,15 @@ class Board:
 
 
 class Chaos:
+    """The reference run, then the chaos run: its plan, its starts and what each did."""
+
     def __init__(self, opts, main_args: List[str], parsed, workdir: Path):
         self.opts, self.main_args, self.workdir = opts, main_args, workdir
         self.out, self.logs = workdir / "chaos", workdir / "starts"
         self.parsed = argparse.Namespace(**{**vars(parsed), "output_dir": str(self.out)})
         self.rng = random.Random(opts.seed)
-        self.board, self.files, self.count, self.current, self.stale = Board(), CheckpointFiles(self.out), 0, None, set()
+        self.board, self.files, self.count = Board(), CheckpointFiles(self.out), 0
+        self.current, self.stale = None, set()  # the run in progress; the files there before it started
 
     def command(self, output_dir: Path, workers: bool = False) -> List[str]:
         launcher = [sys.executable] if self.opts.nproc == 1 else \
@@ -420,13 +426,15 @@ class Chaos:
             start = choose_start(self.parsed)
         except CheckpointError:
             return None
-        return (start.checkpoint["epoch"] + 1, start.checkpoint.get("iteration", 0)) if start.kind == "continue" else None
+        if start.kind != "continue":
+            return None
+        return start.checkpoint["epoch"] + 1, start.checkpoint.get("iteration", 0)
 
     def start(self, workers=False, preexec_fn=None) -> tuple:
         """A rerun of the command in the chaos directory, and where main.py's rule says it must continue."""
         self.count += 1
         expected = self.expected_start()
-        self.stale = set(os.listdir(self.out)) if self.out.is_dir() else set()  # a kill's temporary files
+        self.stale = set(os.listdir(self.out)) if self.out.is_dir() else set()
         self.current = Run(self.command(self.out, workers), self.logs / f"{self.count:02d}.log", preexec_fn)
         return self.current, expected
 
@@ -439,8 +447,8 @@ class Chaos:
         kills = plan_kills(self.opts.kills, self.rng, self.markers, self.opts.signal, self.fallback_from)
         full_slot = self.rng.randint(1, len(kills)) if kills else None
         flip_slot = self.rng.randint(1, len(kills)) if kills and not self.opts.no_bit_flip else None
-        flip = "no bit flip" if flip_slot is None else \
-            f"after kill {flip_slot} (or the first later one that leaves a numbered checkpoint to fall back to), a bit flip"
+        flip = "no bit flip" if flip_slot is None else (f"after kill {flip_slot} (or the first later one that "
+                                                        "leaves a numbered checkpoint to fall back to), a bit flip")
         say(f"plan (seed {self.opts.seed}): {len(kills)} kills; after kill {full_slot}, a start under a file-size "
             f"limit; {flip}")
         kill_ok = None  # the last landed kill ended as it should; it survived if the next start continues right
@@ -460,7 +468,7 @@ class Chaos:
             finished = "Training time" in run.output
             failed = [] if resume_ok else [f"expected to continue at {_where(expected)}"]
             if hung:
-                failed.append(f"hung: killed after {self.timeout:.0f} s")
+                failed.append("hung (killed)")
             if landed:
                 self.board.landed += 1
                 kill_ok = ok
@@ -519,7 +527,9 @@ class Chaos:
         sent = time.monotonic()
         code, hung, leftover = run.end(deadline)
         if not target or "Training time" in run.output:
-            return False, f"kill {self.board.landed + 1} did not land: exit {code}", False, code, hung
+            aim = "the first checkpoint write" if kill.where == "a checkpoint write" else f"{kill.delay:.2f} s"
+            return (False, f"kill {self.board.landed + 1} (SIG{kill.signal} aimed at {kill.where}, {aim} after "
+                    f"'{kill.label}') did not land: exit {code}", False, code, hung)
         workers = " (with 2 workers)" if kill.workers else ""
         when = (f"in a checkpoint write ({tmp}{', left behind' if (self.out / tmp).exists() else ''})"
                 if tmp else f"aimed at {kill.where}")
@@ -646,9 +656,10 @@ def parse(argv: List[str]):
         parsed = dino_main.parse_args(main_args)
     except ValueError as e:
         raise ChaosError(str(e)) from None
-    for flag, value, why in (("--output_dir", parsed.output_dir, "the tool chooses WORKDIR/reference and WORKDIR/chaos"),
-                             ("--no_auto_resume", parsed.no_auto_resume, "every rerun would start over"),
-                             ("--eval", parsed.eval, "there is no training to interrupt")):
+    for flag, value, why in (
+            ("--output_dir", parsed.output_dir, "the tool chooses WORKDIR/reference and WORKDIR/chaos"),
+            ("--no_auto_resume", parsed.no_auto_resume, "every rerun would start over"),
+            ("--eval", parsed.eval, "there is no training to interrupt")):
         if value:
             raise ChaosError(f"{flag} cannot be passed to main.py here: {why}; drop it")
     workdir = opts.workdir or Path(tempfile.mkdtemp(prefix="chaos-"))
