@@ -65,7 +65,8 @@ def test_torchrun_two_processes_survive_kills(data, tmp_path):
     assert scoreboard(proc) == {"survived": 2, "landed": 2, "failures": 0, "corrupt": 0, "caught": 0, "flips": 0,
                                 "identical": "yes"}, proc.stdout
     assert proc.returncode == 0
-    assert "SIGKILL to rank 0" in proc.stdout and "SIGTERM to the process group" in proc.stdout, proc.stdout
+    assert "SIGKILL to rank 0" in proc.stdout and "SIGTERM to every process group of the job" in proc.stdout, \
+        proc.stdout
     assert "world size: 2" in (tmp_path / "chaos" / "info.txt").read_text()
 
 

@@ -13,8 +13,9 @@ and WORKDIR/starts/NN.log (one per start of the chaos run). The tool:
    epoch E'), plus a random part of the time the reference took to its next line. The kills rotate over
    where (in training; in a checkpoint write: as soon as a `.checkpoint*.pth.tmp-PID` file appears; in
    evaluation), the signal (--signal; mixed alternates SIGKILL and SIGTERM), the target (main.py, with
-   --nproc 2 torchrun for SIGTERM and rank 0 for SIGKILL, or the whole process group) and the data loading
-   (half of the killed starts get --num_workers 2). Before each rerun the tool waits until every process
+   --nproc 2 torchrun for SIGTERM and rank 0 for SIGKILL; or the whole process group, which with torchrun
+   means every process group of the job, since torchrun starts each rank in a session of its own) and the
+   data loading (half of the killed starts get --num_workers 2). Before each rerun the tool waits until every process
    of the killed one (orphaned DataLoader workers included) has exited, as a scheduler would;
 3. once between two starts flips one bit in the middle of checkpoint.pth (as soon as a numbered checkpoint
    exists to fall back to; not with --no_bit_flip), and once runs a start under a file-size limit of half a
@@ -92,7 +93,7 @@ def progress_position(line: str):
 
 
 # ---------------------------------------------------------------------------------------------
-# One start: a process group in the background, its output read as it comes
+# One start: its processes in the background, its output read as it comes
 
 class Run:
     """main.py (or torchrun) in a session of its own; a thread drains its output into a queue and a file."""
@@ -104,6 +105,7 @@ class Run:
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.timed, self.lines, self.eof = [], queue.Queue(), False
         self.last_progress = ("", self.started)
+        self._groups = {self.proc.pid}
         self._reader = threading.Thread(target=self._read, args=(log_path,), daemon=True)
         self._reader.start()
 
@@ -139,23 +141,50 @@ class Run:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def groups(self) -> set:
+        """Its process groups: its own and, since torchrun starts each rank in a session of its own, those of
+        its descendants (remembered: the children of a killed launcher lose their link to it)."""
+        table = process_table()
+        children = {}
+        for pid, (_, parent, _) in table.items():
+            children.setdefault(parent, []).append(pid)
+        todo = [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            if pid in table:
+                self._groups.add(table[pid][2])
+            todo += children.get(pid, [])
+        return self._groups
+
+    def signal_all(self, sig: int) -> None:
+        for group in self.groups():
+            try:
+                os.killpg(group, sig)
+            except ProcessLookupError:
+                pass
+
+    def leftovers(self) -> int:
+        """Its processes still alive (zombies aside)."""
+        return sum(state != "Z" and group in self._groups for state, _, group in process_table().values())
+
     def end(self, deadline: Optional[float] = None):
-        """Wait for the process, then for every process of its group (orphaned DataLoader workers hold the
-        directory's lock, so a rerun must wait for them too). Returns (exit code, hung, seconds the leftovers
-        took); a run past deadline, or leftovers alive after a minute, are killed."""
+        """Wait for the process, then for every other process of its groups (orphaned DataLoader workers hold
+        the directory's lock, so a rerun must wait for them too). Returns (exit code, hung, seconds the
+        leftovers took); a run past deadline, or leftovers alive after a minute, are killed."""
         hung = False
+        self.groups()
         try:
             code = self.proc.wait(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             hung = True
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.signal_all(signal.SIGKILL)
             code = self.proc.wait()
         exited = time.monotonic()
-        while processes_in_group(self.proc.pid) and time.monotonic() < exited + 60:
+        while self.leftovers() and time.monotonic() < exited + 60:
             time.sleep(0.05)
-        if processes_in_group(self.proc.pid):
+        if self.leftovers():
             hung = True
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.signal_all(signal.SIGKILL)
         leftover_s = time.monotonic() - exited
         self._reader.join()
         return code, hung, leftover_s
@@ -165,17 +194,17 @@ class Run:
         return "".join(line for _, line in self.timed)
 
 
-def processes_in_group(pgid: int) -> int:
-    """Live (not zombie) processes of a process group, from /proc."""
-    count = 0
+def process_table() -> dict:
+    """{pid: (state, parent pid, process group)} of every process, from /proc."""
+    table = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/stat") as f:
-                state, _ppid, group = f.read().rsplit(")", 1)[1].split()[:3]
+                state, parent, group = f.read().rsplit(")", 1)[1].split()[:3]
         except (OSError, ValueError):
             continue
-        count += int(group) == pgid and state != "Z"
-    return count
+        table[int(pid)] = (state, int(parent), int(group))
+    return table
 
 
 def rank_pid(launcher: int, rank: int) -> Optional[int]:
@@ -440,8 +469,8 @@ class Chaos:
 
     def abandon(self) -> None:
         """End the run in progress (the tool was interrupted): its processes are in a session of their own."""
-        if self.current is not None and processes_in_group(self.current.proc.pid):
-            os.killpg(self.current.proc.pid, signal.SIGKILL)
+        if self.current is not None:
+            self.current.signal_all(signal.SIGKILL)
 
     def series(self) -> Board:
         kills = plan_kills(self.opts.kills, self.rng, self.markers, self.opts.signal, self.fallback_from)
@@ -542,8 +571,8 @@ class Chaos:
         """Signal the kill's target; returns what it was."""
         sig = signal.SIGKILL if kill.signal == "KILL" else signal.SIGTERM
         if kill.group:
-            os.killpg(run.proc.pid, sig)
-            return "the process group"
+            run.signal_all(sig)
+            return "the process group" if self.opts.nproc == 1 else "every process group of the job"
         if self.opts.nproc > 1 and sig == signal.SIGKILL:  # a lone SIGKILL to torchrun would orphan its ranks
             pid = rank_pid(run.proc.pid, 0)
             if pid is not None:
