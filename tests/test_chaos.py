@@ -98,12 +98,14 @@ def test_any_difference_from_the_reference_is_found_and_fails_the_scoreboard(one
 @pytest.mark.parametrize("extra, used, message", [
     (["--output_dir", "elsewhere"], False, "error: --output_dir cannot be passed to main.py here: the tool chooses"),
     ([], True, "already exist(s): choose another --workdir or remove them"),
-], ids=["output_dir", "used-workdir"])
+    (["--options", "epoch=3"], False, "'epoch'"),  # main.py's own check of the command line
+], ids=["output_dir", "used-workdir", "bad-option"])
 def test_a_command_the_tool_cannot_score_is_refused_in_one_line(tmp_path, capsys, extra, used, message):
     if used:
         (tmp_path / "chaos").mkdir()
     code = chaos_main(["--kills", "1", "--workdir", str(tmp_path), "-c", str(ROOT / "config/DINO/DINO_demo.py"),
                        *extra])
     out, err = capsys.readouterr()
-    assert code == 2 and out == "" and message in err and len(err.splitlines()) == 1, err
+    assert code == 2 and out == "" and err.startswith("error: ") and message in err and len(err.splitlines()) == 1, \
+        err
     assert not (tmp_path / "reference").exists()

@@ -15,8 +15,8 @@ and WORKDIR/starts/NN.log (one per start of the chaos run). The tool:
    evaluation), the signal (--signal; mixed alternates SIGKILL and SIGTERM), the target (main.py, with
    --nproc 2 torchrun for SIGTERM and rank 0 for SIGKILL; or the whole process group, which with torchrun
    means every process group of the job, since torchrun starts each rank in a session of its own) and the
-   data loading (half of the killed starts get --num_workers 2). Before each rerun the tool waits until every process
-   of the killed one (orphaned DataLoader workers included) has exited, as a scheduler would;
+   data loading (half of the killed starts get --num_workers 2). Before each rerun the tool waits until
+   every process of the killed one (orphaned DataLoader workers included) has exited, as a scheduler would;
 3. once between two starts flips one bit in the middle of checkpoint.pth (as soon as a numbered checkpoint
    exists to fall back to; not with --no_bit_flip), and once runs a start under a file-size limit of half a
    checkpoint: it must fail its first save with exit code 1 and 'error: could not write checkpoint', leaving
@@ -82,6 +82,11 @@ class ChaosError(Exception):
     """A bad command line or a failed reference run: one line, exit code 2."""
 
 
+def progress_label(line: str) -> str:
+    """'Epoch 1 [4/8]' or 'Evaluating epoch 1' out of a log line."""
+    return line.split("] ", 1)[-1].split(" loss")[0].strip()
+
+
 def progress_position(line: str):
     """(epoch, 0, iteration) for 'Epoch E [i/n]', (epoch, 1, 0) for 'Evaluating epoch E', else None."""
     match = PROGRESS.search(line)
@@ -130,7 +135,7 @@ class Run:
                 return
             position = progress_position(line)
             if position is not None:
-                self.last_progress = (line.split("] ", 1)[-1].split(" loss")[0].strip(), time.monotonic())
+                self.last_progress = (progress_label(line), time.monotonic())
                 yield position
 
     def catch_up(self) -> None:
@@ -257,7 +262,7 @@ class Kill:
 def reference_markers(run: Run) -> List[Marker]:
     """The reference run's progress lines, each with the time to its next one."""
     timed = [(t, line, progress_position(line)) for t, line in run.timed]
-    progress = [(t, line.split("] ", 1)[-1].split(" loss")[0].strip(), p) for t, line, p in timed if p]
+    progress = [(t, progress_label(line), p) for t, line, p in timed if p]
     markers = []
     for i, (t, label, position) in enumerate(progress):
         if position[1] == 1:
@@ -478,8 +483,8 @@ class Chaos:
         flip_slot = self.rng.randint(1, len(kills)) if kills and not self.opts.no_bit_flip else None
         flip = "no bit flip" if flip_slot is None else (f"after kill {flip_slot} (or the first later one that "
                                                         "leaves a numbered checkpoint to fall back to), a bit flip")
-        say(f"plan (seed {self.opts.seed}): {len(kills)} kills; after kill {full_slot}, a start under a file-size "
-            f"limit; {flip}")
+        full = "no file-size limit" if full_slot is None else f"after kill {full_slot}, a start under a file-size limit"
+        say(f"plan (seed {self.opts.seed}): {len(kills)} kills; {full}; {flip}")
         kill_ok = None  # the last landed kill ended as it should; it survived if the next start continues right
         for slot, kill in enumerate(kills + [None]):
             if slot and slot == full_slot:
@@ -601,6 +606,8 @@ class Chaos:
         code, hung, _ = run.end(run.started + self.timeout)
         resume_ok, said = resumed(run.output, expected)
         failed = [] if resume_ok else [f"expected to continue at {_where(expected)}"]
+        if hung:
+            failed.append("hung (killed)")
         if code != 1 or "error: could not write checkpoint" not in run.output:
             failed.append("a failed save must end the run with exit code 1 and 'error: could not write checkpoint'")
         if sha256(latest) != before:
@@ -617,8 +624,9 @@ class Chaos:
     def flip(self) -> None:
         """Flip one bit in the middle of checkpoint.pth, if a numbered checkpoint is there to fall back to."""
         latest = self.out / LATEST
-        fallback = [n for n in numbered_checkpoints(self.out)[::-1] if _loads(self.out / n)] if latest.exists() else []
-        if not fallback:
+        numbered = numbered_checkpoints(self.out)[::-1] if latest.exists() else []
+        fallback = next((name for name in numbered if _loads(self.out / name)), None)
+        if fallback is None:
             return
         size = latest.stat().st_size
         offset, bit = size // 2, self.rng.randrange(8)
@@ -634,7 +642,7 @@ class Chaos:
             verdict = "load_checkpoint accepted it: the flip went unnoticed"
         except CheckpointError as e:
             self.board.flip_rejected = True
-            verdict = f"load_checkpoint rejected it ({e}); {fallback[0]} is there to fall back to"
+            verdict = f"load_checkpoint rejected it ({e}); {fallback} is there to fall back to"
         say(f"bit flip: checkpoint.pth byte {offset} of {size}, bit {bit}: {verdict}")
 
 
@@ -683,7 +691,7 @@ def parse(argv: List[str]):
         raise ChaosError(f"--kills {opts.kills}: give 0 or more")
     try:
         parsed = dino_main.parse_args(main_args)
-    except ValueError as e:
+    except dino_main.BAD_INPUT as e:
         raise ChaosError(str(e)) from None
     for flag, value, why in (
             ("--output_dir", parsed.output_dir, "the tool chooses WORKDIR/reference and WORKDIR/chaos"),
