@@ -53,9 +53,6 @@ def test_one_process_survives_kills_in_training_saves_and_evaluation(one_process
     assert re.search(r"file-size limit [\d.]+ MB: exit 1, checkpoint.pth unchanged", proc.stdout), proc.stdout
     assert "error: could not write checkpoint" in "".join(p.read_text() for p in (workdir / "starts").iterdir())
     assert [e["epoch"] for e in read_log(workdir / "chaos")] == [0, 1]
-    if "load_checkpoint accepted it: the flip went unnoticed" in proc.stdout:
-        pytest.xfail("load_checkpoint does not yet detect one flipped bit inside tensor data, so the run continued "
-                     "from a damaged checkpoint.pth; the integrity record of every checkpoint will catch it")
     assert (board["caught"], board["identical"], proc.returncode) == (1, "yes", 0), proc.stdout
     assert "(fell back to checkpoint0000.pth)" in proc.stdout
 
