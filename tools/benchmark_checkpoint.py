@@ -1,16 +1,19 @@
-"""How long a checkpoint save and load take, and what a save costs a training epoch.
+"""How long training pauses for a checkpoint, synchronous against asynchronous, and how long a load takes.
 
     python tools/benchmark_checkpoint.py [--runs 5] [--demo_log runs/demo/log.txt]
 
-Saves the full training state (model, AdamW moments, RNG, args) of DINO-4scale R50 and of the demo model
-with util.checkpoint.atomic_save (fsync included) and reads it back with load_checkpoint (weights_only).
-Medians of --runs. With --demo_log, the demo's save time is put against its measured epoch time.
+For the full training state (model, AdamW moments, RNG, args) of DINO-4scale R50 and of the demo model, in
+interleaved rounds: the synchronous pause (seal + atomic write with fsync, what training would wait for), the
+asynchronous pause (the copy to host memory that util.resume.TrainState.save makes before a background thread
+writes it), their ratio per round, and load_checkpoint (integrity check + weights_only load). Medians of --runs
+with min-max. With --demo_log, the demo's pauses are put against its measured epoch time.
 """
 import argparse
 import json
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -18,9 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from main import _optimizer, _scheduler, parse_args  # noqa: E402
-from tools.benchmark import median_time  # noqa: E402
 from models import build_model  # noqa: E402
-from util.checkpoint import atomic_save, load_checkpoint, training_state  # noqa: E402
+from util.checkpoint import load_checkpoint, seal, snapshot, training_state, write_bytes  # noqa: E402
 from util.rng import capture_rng_state  # noqa: E402
 
 
@@ -37,28 +39,49 @@ def _state(config: str) -> dict:
                           rng_states=[capture_rng_state()], facts={})
 
 
+def _interleaved(runs: int, **workloads):
+    """{name: [seconds per round]}, the workloads taking turns in every round after one warm-up round."""
+    times = {name: [] for name in workloads}
+    for round_ in range(runs + 1):
+        for name, work in workloads.items():
+            started = time.perf_counter()
+            work()
+            if round_:
+                times[name].append(time.perf_counter() - started)
+    return times
+
+
+def _summary(values) -> str:
+    return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--demo_log", default="runs/demo/log.txt")
     opts = parser.parse_args()
-    print(f"{'checkpoint':<28}{'size MB':>9}{'save s':>9}{'load s':>9}")
-    results = {}
+    print("| checkpoint | size MB | synchronous pause s | asynchronous pause s | async / sync | load s |")
+    print("|---|---|---|---|---|---|")
+    pauses = {}
     with tempfile.TemporaryDirectory(dir=".") as tmp:
+        path = Path(tmp) / "checkpoint.pth"
         for name, config in (("DINO-4scale R50", "config/DINO/DINO_4scale.py"), ("demo", "config/DINO/DINO_demo.py")):
-            path = Path(tmp) / "checkpoint.pth"
             state = _state(config)
-            save_s = median_time(lambda: atomic_save(state, path), opts.runs)
-            load_s = median_time(lambda: load_checkpoint(path), opts.runs)
-            results[name] = save_s
-            print(f"{name:<28}{path.stat().st_size / 2**20:>9.1f}{save_s:>9.3f}{load_s:>9.3f}")
+            times = _interleaved(opts.runs, sync=lambda: write_bytes(seal(state), path),
+                                 snapshot=lambda: snapshot(state), load=lambda: load_checkpoint(path))
+            ratios = [a / s for a, s in zip(times["snapshot"], times["sync"])]
+            pauses[name] = (statistics.median(times["sync"]), statistics.median(times["snapshot"]))
+            print(f"| {name} | {path.stat().st_size / 2**20:.1f} | {_summary(times['sync'])} | "
+                  f"{_summary(times['snapshot'])} | {100 * statistics.median(ratios):.0f}% "
+                  f"({100 * min(ratios):.0f}-{100 * max(ratios):.0f}%) | {_summary(times['load'])} |")
     log = Path(opts.demo_log)
     if log.exists():
         epoch_times = [json.loads(line)["epoch_time"] for line in log.read_text().splitlines() if line.strip()]
         epoch_s = statistics.median(epoch_times)
-        stall = 3 * results["demo"]  # checkpoint.pth + checkpoint{epoch}.pth + checkpoint_best_regular.pth
-        print(f"demo: an epoch end writes up to 3 files, {stall:.3f} s of a {epoch_s:.0f} s epoch = "
-              f"{100 * stall / epoch_s:.2f}% (epoch time: median over {log})")
+        sync, asynchronous = (2 * p for p in pauses["demo"])  # checkpoint.pth before and after the evaluation
+        print(f"demo: two saves per epoch pause training {sync:.3f} s synchronously, {asynchronous:.3f} s "
+              f"asynchronously, of a {epoch_s:.0f} s epoch ({100 * asynchronous / epoch_s:.2f}%; epoch time: "
+              f"median over {log})")
 
 
 if __name__ == "__main__":
