@@ -36,6 +36,12 @@ def popen_main(data, out, *extra, options=(), workers=0, script="main.py", new_s
                             env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}, start_new_session=new_session)
 
 
+def run_tool(tool, *args, timeout=600):
+    """tools/<tool>.py as a user runs it; output is stdout+stderr in .stdout."""
+    return subprocess.run([sys.executable, str(ROOT / "tools" / tool), *map(str, args)], cwd=ROOT, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+
+
 def read_log(output_dir):
     return [json.loads(line) for line in (Path(output_dir) / "log.txt").read_text().splitlines() if line.strip()]
 

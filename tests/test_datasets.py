@@ -15,7 +15,6 @@ import pytest
 import torch
 from PIL import Image
 from pycocotools.coco import COCO
-from torch.utils.data import BatchSampler
 
 from datasets import DatasetError, build_dataset, get_coco_api_from_dataset
 from datasets import transforms as T

@@ -1,13 +1,10 @@
 """tools/export_onnx.py: a dynamic-shape export of a trained checkpoint, run with onnxruntime against PyTorch."""
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from runner import ROOT
-from trained import trained_run_dir
+from runner import run_tool
 
 from models import load_detector
 from models.inference import as_pil_image
@@ -17,14 +14,9 @@ for _module in ("onnx", "onnxscript", "onnxruntime"):
                                          "pip install -r requirements-extra.txt")
 
 
-@pytest.fixture(scope="module")
-def trained_run(data, tmp_path_factory):
-    return trained_run_dir(data, tmp_path_factory)
-
 
 def _export(*args):
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "export_onnx.py"), *map(str, args)], cwd=ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    return run_tool("export_onnx.py", *args)
 
 
 def test_dynamic_export_matches_the_detector(trained_run, data, tmp_path):

@@ -1,26 +1,18 @@
 """tools/plot_logs.py: the numbers it plots, from real and hand-made run folders."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from runner import ROOT, read_log
-from trained import trained_run_dir
+from runner import read_log, run_tool
 
 pytest.importorskip("matplotlib", reason="plot_logs needs matplotlib: pip install -r requirements-extra.txt")
 
 
-@pytest.fixture(scope="module")
-def trained_run(data, tmp_path_factory):
-    return trained_run_dir(data, tmp_path_factory)
-
 
 def _plot(*args):
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "plot_logs.py"), *map(str, args)], cwd=ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return run_tool("plot_logs.py", *args)
 
 
 def _resumed_run(folder, template: dict, data):

@@ -1,27 +1,19 @@
 """load_detector and tools/predict.py on a real (tiny) training checkpoint."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from runner import ROOT
-from trained import trained_run_dir
+from runner import run_tool
 
 from models import load_detector
 
 
-@pytest.fixture(scope="module")
-def trained_run(data, tmp_path_factory):
-    return trained_run_dir(data, tmp_path_factory)
-
 
 def _predict(*args):
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "predict.py"), *map(str, args)], cwd=ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return run_tool("predict.py", *args)
 
 
 @pytest.fixture(scope="module")
