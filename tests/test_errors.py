@@ -63,6 +63,16 @@ def scheduler_key(checkpoint):
     checkpoint["scheduler"] = checkpoint.pop("lr_scheduler")
 
 
+def resume_a_directory(tmp_path, trained):
+    (tmp_path / "folder.pth").mkdir()
+    return ["--resume", str(tmp_path / "folder.pth")]
+
+
+def config_with_a_set(tmp_path, trained):
+    (tmp_path / "cfg.py").write_text(f"_base_ = [{str(ROOT / DEMO)!r}]\nlr_drop_list = {{3, 4}}\n")
+    return ["-c", str(tmp_path / "cfg.py")]
+
+
 def _file_size_limit(limit):
     def apply():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -102,6 +112,13 @@ CASES = {
                                 ["could not write checkpoint", "exceeds this process's file-size limit",
                                  "the previous file at that path, if any, is unchanged"]),
     "disk full at start-up": (arguments(), [], 16, 2, ["cannot write to --output_dir"]),
+    "--resume of a directory": (resume_a_directory, [], None, 2, ["cannot read checkpoint", "folder.pth"]),
+    "backbone_weights file missing": (arguments(), ["backbone_weights=/nowhere/resnet18.pth"], None, 2,
+                                      ["checkpoint /nowhere/resnet18.pth does not exist"]),
+    "config value of an unsupported type": (config_with_a_set, [], None, 2,
+                                            ["config key 'lr_drop_list'", "has a value of type set"]),
+    "batch larger than the training set": (arguments(), ["batch_size=32"], None, 2,
+                                           ["fewer than one batch of 32 per process: lower batch_size"]),
     "non-finite loss in the first epoch": (arguments(), ["lr=1e30"], None, 1,
                                            ["non-finite terms: loss_", "no checkpoint was saved"]),
 }

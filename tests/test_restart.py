@@ -198,3 +198,35 @@ def test_a_failed_save_on_rank_0_ends_every_rank_promptly(data, tmp_path):
     assert proc.returncode != 0
     assert "error: could not write checkpoint" in proc.stdout
     assert "[rank 1] error: could not write checkpoint" in proc.stdout or "rank 0 could not write" in proc.stdout
+
+
+NEARLY_FULL_DISK = """
+import shutil, sys
+sys.path.insert(0, {root!r})
+import main
+from util import resume
+
+real_usage = shutil.disk_usage
+
+
+def nearly_full(path):  # room for one more checkpoint.pth, not for two files
+    total, used, free = real_usage(path)
+    return type(real_usage(path))(total, used, {free_bytes})
+
+
+resume.shutil.disk_usage = nearly_full
+sys.exit(main.cli())
+"""
+
+
+def test_a_nearly_full_disk_skips_numbered_and_best_files_but_keeps_checkpoint_pth(data, pretrained, tmp_path):
+    size = pretrained.stat().st_size
+    script = tmp_path / "full_disk_main.py"
+    script.write_text(NEARLY_FULL_DISK.format(root=str(ROOT), free_bytes=int(1.5 * size)))
+    proc = popen_main(data, tmp_path / "run", script=str(script), options=["epochs=1"])
+    output = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 0, output[-3000:]
+    assert "too little for checkpoint_best_regular.pth, checkpoint0000.pth" in output
+    assert "kept checkpoint.pth" in output
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint*.pth")) == ["checkpoint.pth"]
+    assert torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)["epoch"] == 0
