@@ -65,8 +65,9 @@ def write_bytes(buffer: io.BytesIO, path) -> None:
         atomic_write(path, lambda f: f.write(buffer.getbuffer()))
     except OSError as e:
         reason = _WRITE_ERRORS.get(e.errno, e.strerror or str(e))
-        raise CheckpointWriteError(f"could not write checkpoint {os.fspath(path)} ({len(buffer.getbuffer()) / 2**20:.0f} "
-                                   f"MB): {reason}; the previous file at that path, if any, is unchanged") from None
+        size = len(buffer.getbuffer()) / 2**20
+        raise CheckpointWriteError(f"could not write checkpoint {os.fspath(path)} ({size:.0f} MB): {reason}; the "
+                                   "previous file at that path, if any, is unchanged") from None
 
 
 def snapshot(obj, _copies=None):

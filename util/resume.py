@@ -174,7 +174,8 @@ def _restore_full(start: Start, state: "TrainState") -> Position:
     checkpoint, path, args = start.checkpoint, start.path, state.args
     missing = [k for k in ("epoch", "lr_scheduler") if k not in checkpoint]
     if missing or "last_epoch" not in checkpoint.get("lr_scheduler", {}):
-        raise CheckpointError(f"{path} holds an optimizer state but no {' or '.join(missing) or 'lr_scheduler position'} "
+        what = " or ".join(missing) or "lr_scheduler position"
+        raise CheckpointError(f"{path} holds an optimizer state but no {what} "
                               f"(its keys: {', '.join(sorted(checkpoint))}), so training cannot continue from it: "
                               "use --pretrain_model_path to start from its weights")
     saved_args = checkpoint.get("args") or {}
@@ -183,10 +184,11 @@ def _restore_full(start: Start, state: "TrainState") -> Position:
         raise CheckpointError(f"{path} was trained with a different architecture ({'; '.join(diffs)}): use "
                               "--pretrain_model_path (or --resume with --finetune_ignore) to fine-tune from it")
     report = load_model_weights(state.model, checkpoint["model"])
-    if report.missing or report.unexpected or report.shape_mismatch:
+    misfits = report.missing + report.unexpected + [key for key, _, _ in report.shape_mismatch]
+    if misfits:
         raise CheckpointError(f"{path} does not fit the model built from the config ({len(report.missing)} missing, "
                               f"{len(report.unexpected)} unexpected, {len(report.shape_mismatch)} mismatched keys, "
-                              f"e.g. {(report.missing + report.unexpected + [k for k, _, _ in report.shape_mismatch])[0]}): "
+                              f"e.g. {misfits[0]}): "
                               "check that -c and --options describe the checkpoint's architecture")
     position = Position(epoch=checkpoint["epoch"] + 1, iteration=checkpoint.get("iteration", 0),
                         best=checkpoint.get("best") or {}, meters=checkpoint.get("meters") or {},
@@ -203,7 +205,8 @@ def _restore_full(start: Start, state: "TrainState") -> Position:
             logger.warning("the checkpoint has no EMA weights: the EMA restarts from the current model")
     layout_note = _restore_data_position(checkpoint, position, state)
     if start.kind == "continue":
-        how = f"Continuing the interrupted run in {args.output_dir} ({describe_origin(checkpoint.get('origin', SCRATCH))})"
+        origin = describe_origin(checkpoint.get("origin", SCRATCH))
+        how = f"Continuing the interrupted run in {args.output_dir} ({origin})"
     else:
         how = f"Resuming training from {path}"
     logger.info("%s: epoch %d, iteration %d of %d, to %d total epochs", how, position.epoch, position.iteration,
