@@ -18,7 +18,8 @@ from torch.utils.data import BatchSampler, DataLoader
 import util.checkpoint as ckpt
 from datasets import build_dataset, get_coco_api_from_dataset
 from datasets.sampler import ResumableSampler
-from engine import Meters, NonFiniteLossError, NonFiniteOutputError, evaluate, train_one_epoch
+from engine import (Meters, NonFiniteLossError, NonFiniteOutputError, OutOfMemoryStop, autocast_dtype, evaluate,
+                    optimizer_steps_per_epoch, train_one_epoch)
 from models import build_model, load_pretrained_backbone
 from util import distributed as dist_utils
 from util import interrupt, resume, run_dir
@@ -50,7 +51,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="epoch to start at; overrides the checkpoint's epoch when given")
     p.add_argument("--eval", action="store_true", help="only evaluate the given weights")
     p.add_argument("--num_workers", default=2, type=int, help="data loading worker processes per rank")
-    p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    p.add_argument("--amp", action="store_true",
+                   help="mixed precision in config key amp_dtype: float16 (CUDA, with a loss scaler) or "
+                   "bfloat16 (CUDA or CPU)")
     p.add_argument("--find_unused_params", action="store_true", help="DDP find_unused_parameters")
     p.add_argument("--save_log", action="store_true", help="log plain progress lines (every 10%% of an epoch) even on a terminal")
     p.add_argument("--save_results", action="store_true", help="write COCO-format detections to output_dir/eval/")
@@ -232,6 +235,7 @@ def main(args) -> int:
     if stale:
         logger.info("Removed %d temporary file(s) of interrupted saves: %s", len(stale), ", ".join(stale))
     device = torch.device(args.device)
+    amp_dtype = autocast_dtype(args.amp, args.amp_dtype, device.type)
     _seed_everything(args.seed + dist_utils.get_rank())
     if dist_utils.is_main_process():
         _write_header(args)
@@ -249,11 +253,10 @@ def main(args) -> int:
     if args.eval:
         return _evaluate_only(args, model, criterion, postprocessors, val_loader, base_ds, label_map, device)
     train_sampler, train_loader = _loader(dataset_train, args, train=True)
-    iterations = len(train_loader)
+    iterations = optimizer_steps_per_epoch(len(train_loader), args.accumulate_steps)  # counts optimizer steps
     max_iters = 10 if args.debug else None
     optimizer = _optimizer(model, args)
-    scaler = torch.amp.GradScaler("cuda") if args.amp and device.type == "cuda" else None
-    amp = scaler is not None
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     ema = None
     if args.use_ema:
         ema = torch.optim.swa_utils.AveragedModel(
@@ -294,7 +297,8 @@ def main(args) -> int:
                 state.finish()  # the save before this evaluation is complete
                 _stop(args, f"the evaluation of epoch {epoch}",
                       f"{ckpt.LATEST} holds epoch {epoch}'s training, which a rerun evaluates first")
-        eval_kwargs = dict(amp=amp, label_to_category_id=label_map, max_iters=max_iters, after_batch=after_batch)
+        eval_kwargs = dict(amp_dtype=amp_dtype, label_to_category_id=label_map, max_iters=max_iters,
+                           after_batch=after_batch)
         results = os.path.join(args.output_dir, "eval", f"results{epoch:04d}.json") \
             if args.save_results and args.output_dir else None
         try:
@@ -344,7 +348,7 @@ def main(args) -> int:
     for epoch in range(position.epoch, args.epochs):
         epoch_started = time.time()
         train_sampler.set_epoch(epoch)
-        train_sampler.set_start(start_iter * args.batch_size)
+        train_sampler.set_start(start_iter * args.batch_size * args.accumulate_steps)
 
         def after_iteration(it, meters, epoch=epoch):
             stop = interrupt.stop_requested()
@@ -356,9 +360,10 @@ def main(args) -> int:
 
         meters = Meters(position.meters if start_iter else None)
         train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, max_norm=args.clip_max_norm,
-                        scaler=scaler, amp=amp, ema=ema, iteration_scheduler=state.scheduler if per_iteration else None,
+                        scaler=scaler, amp_dtype=amp_dtype, ema=ema,
+                        iteration_scheduler=state.scheduler if per_iteration else None,
                         start_iter=start_iter, meters=meters, after_iteration=after_iteration, max_iters=max_iters,
-                        log_progress=args.save_log)
+                        log_progress=args.save_log, accumulate_steps=args.accumulate_steps)
         start_iter = 0
         if not per_iteration:
             state.scheduler.step()
@@ -389,7 +394,7 @@ def cli(argv=None) -> int:
         return _fail(f"stopped by Ctrl-C before a save; {_last_save(args)}", 130, args)
     except BAD_INPUT as e:
         return _fail(str(e), 2, args)
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, OutOfMemoryStop) as e:
         return _fail(f"{e}; {_last_save(args)}", 1, args)
     except TRAINING_FAILURES as e:
         return _fail(str(e), 1, args)
