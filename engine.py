@@ -1,4 +1,8 @@
-"""One training epoch and one evaluation pass. Resumable: an epoch can start at any iteration."""
+"""One training epoch and one evaluation pass. Resumable: an epoch can start at any iteration.
+
+Training steps may accumulate gradients over several batches, run under autocast (float16 or bfloat16) and
+survive running out of memory by splitting their batches into micro-batches."""
+import contextlib
 import logging
 import math
 import sys
@@ -6,10 +10,13 @@ import time
 from typing import Callable, Dict, Iterable, Optional
 
 import torch
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from datasets.coco_eval import CocoEvaluator
 from util import distributed as dist_utils
+from util.misc import NestedTensor
 
 logger = logging.getLogger("dino.engine")
 
@@ -20,6 +27,44 @@ class NonFiniteLossError(FloatingPointError):
 
 class NonFiniteOutputError(FloatingPointError):
     """Evaluation met NaN/inf predictions or losses: a diverged model gets no AP (pycocotools would score it)."""
+
+
+class OutOfMemoryStop(RuntimeError):
+    """A training step ran out of memory even with one image per micro-batch; parameters are untouched."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA raises torch.OutOfMemoryError; the CPU allocator a RuntimeError that says so."""
+    text = str(error)
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
+
+
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def autocast_dtype(amp: bool, amp_dtype: str, device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype of --amp (None without it): float16 needs CUDA (and its GradScaler), bfloat16 runs
+    on CUDA and CPU without one."""
+    if amp_dtype not in AMP_DTYPES:
+        raise ValueError(f"amp_dtype={amp_dtype!r} is not one of {', '.join(AMP_DTYPES)}: set --options "
+                         "amp_dtype=bfloat16 (or float16, CUDA only)")
+    if amp and amp_dtype == "float16" and device_type != "cuda":
+        raise ValueError(f"--amp with amp_dtype=float16 needs CUDA, and the device is {device_type}: use "
+                         "--options amp_dtype=bfloat16 for mixed precision on it")
+    return AMP_DTYPES[amp_dtype] if amp else None
+
+
+def optimizer_steps_per_epoch(num_batches: int, accumulate_steps: int) -> int:
+    """Iterations per epoch: each optimizer step takes `accumulate_steps` batches; the rest are skipped."""
+    if accumulate_steps < 1 or num_batches < accumulate_steps:
+        raise ValueError(f"accumulate_steps={accumulate_steps} needs between 1 and {num_batches} (the training "
+                         "batches per epoch and process): change accumulate_steps or batch_size")
+    steps, left = divmod(num_batches, accumulate_steps)
+    if left:
+        logger.info("accumulate_steps=%d: %d batches per epoch make %d optimizer steps; the last %d batch(es) of "
+                    "every epoch fill no window and are skipped", accumulate_steps, num_batches, steps, left)
+    return steps
 
 
 class Meters:
@@ -59,46 +104,47 @@ def _log_line(desc: str, it: int, total: int, started: float, done: int, meters:
 
 
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int, *, max_norm: float = 0.0,
-                    scaler: Optional[torch.amp.GradScaler] = None, amp: bool = False, ema=None,
+                    scaler: Optional[torch.amp.GradScaler] = None, amp_dtype: Optional[torch.dtype] = None, ema=None,
                     iteration_scheduler=None, start_iter: int = 0, steps: Optional[int] = None,
-                    meters: Optional[Meters] = None, after_iteration: Optional[Callable[[int, Meters, tuple], None]] = None,
-                    max_iters: Optional[int] = None, log_progress: bool = False) -> Dict[str, float]:
+                    meters: Optional[Meters] = None, after_iteration: Optional[Callable[[int, Meters, list], None]] = None,
+                    max_iters: Optional[int] = None, log_progress: bool = False,
+                    accumulate_steps: int = 1) -> Dict[str, float]:
     """Trains from iteration `start_iter` (the loader must already skip the done batches) to the epoch's end.
 
-    `steps`: how many steps the loader yields (default: the rest of the epoch). `after_iteration(iterations_done,
-    meters, targets)` runs after every optimizer step: the checkpoint hooks live there.
+    An iteration is one optimizer step over a window of `accumulate_steps` batches of the loader; an epoch's
+    last incomplete window is skipped. `steps`: how many windows the loader yields (default: the rest of the
+    epoch). `after_iteration(iterations_done, meters, targets)` runs after every optimizer step: the checkpoint
+    hooks live there, so a window is never saved half done (a resumed run replays it).
     """
     model.train()
     criterion.train()
     meters = meters or Meters()
-    total = start_iter + steps if steps is not None else len(data_loader)
+    device = torch.device(device)
+    total = start_iter + steps if steps is not None else len(data_loader) // accumulate_steps
     total = total if max_iters is None else min(max_iters, total)
     desc = f"Epoch {epoch}"
     started, log_every = time.time(), max(1, total // 10)
-    bar = progress(data_loader, total, start_iter, desc)
-    it = start_iter
-    for samples, targets in bar:
+    bar = progress(_windows(data_loader, accumulate_steps), total, start_iter, desc)
+    it, pieces = start_iter, 1  # pieces: each batch is split in that many micro-batches (after running out of memory)
+    for window in bar:
         if it >= total:
             break
-        samples = samples.to(device, non_blocking=True)
-        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-        with torch.autocast(device_type=torch.device(device).type, enabled=amp):
-            outputs = model(samples, targets)
-            loss_dict = criterion(outputs, targets)
-            loss = criterion.total_loss(loss_dict)
-        reduced = dist_utils.reduce_dict({k: v.detach() for k, v in loss_dict.items()})
-        weighted = {k: v * criterion.weight_dict[k] for k, v in reduced.items() if k in criterion.weight_dict}
-        loss_value = float(sum(weighted.values()))
-        if not math.isfinite(loss_value):
-            bad = sorted(k for k, v in reduced.items() if not torch.isfinite(v))
-            raise NonFiniteLossError(f"loss is {loss_value} at epoch {epoch} iteration {it}; non-finite terms: "
-                                     f"{', '.join(bad) or 'none individually (their sum overflowed)'}")
+        window = [(samples.to(device, non_blocking=True),
+                   [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets])
+                  for samples, targets in window]
         optimizer.zero_grad(set_to_none=True)
+        while True:
+            losses = _accumulate_gradients(model, criterion, window, pieces, device, amp_dtype, scaler)
+            if losses is not None:
+                break
+            optimizer.zero_grad(set_to_none=True)  # a failed attempt's partial gradients must not reach the step
+            _forget_failed_attempt(model)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            pieces = _fewer_images_per_micro_batch(pieces, len(window[0][1]), len(window), epoch, it)
+        loss_value, weighted = _reduced_weighted_losses(criterion, losses, epoch, it)
         if scaler is not None:
-            scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-        else:
-            loss.backward()
         if max_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         if scaler is not None:
@@ -112,16 +158,108 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
             ema.update_parameters(model)
 
         lr = optimizer.param_groups[0]["lr"]
-        meters.update(loss=loss_value, lr=lr, **{k: float(v) for k, v in weighted.items()})
+        meters.update(loss=loss_value, lr=lr, **weighted)
         it += 1
         if (bar.disable or log_progress) and (it % log_every == 0 or it == total) and dist_utils.is_main_process():
             _log_line(desc, it, total, started, it - start_iter, meters, lr)
         else:
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.1e}")
         if after_iteration is not None:
-            after_iteration(it, meters, targets)
+            after_iteration(it, meters, [t for _, targets in window for t in targets])
     bar.close()
     return meters.averages()
+
+
+def _windows(data_loader, size: int):
+    """The loader's batches in consecutive groups of `size`; an incomplete last group is dropped."""
+    window = []
+    for batch in data_loader:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+
+
+def _micro_batches(samples: NestedTensor, targets: list, pieces: int):
+    """A batch in `pieces` consecutive parts. Each keeps the batch's padding, so every image is computed
+    exactly as in the whole batch."""
+    edges = [len(targets) * i // pieces for i in range(pieces + 1)]
+    return [(NestedTensor(samples.tensors[a:b], samples.mask[a:b]), targets[a:b]) for a, b in zip(edges, edges[1:])]
+
+
+def _accumulate_gradients(model, criterion, window, pieces: int, device, amp_dtype,
+                          scaler) -> Optional[Dict[str, Tensor]]:
+    """Forward and backward of every batch of the window, each in `pieces` micro-batches, normalised by the
+    window's box count, so the gradients sum to those of one batch of all its images. Returns the summed
+    (unreduced) loss terms, or None when any process ran out of memory (processes agree after each forward
+    and backward, so all retry together; under DDP only the last backward synchronises gradients)."""
+    num_boxes = criterion.average_num_boxes([t for _, targets in window for t in targets], device)
+    micro_batches = [part for samples, targets in window for part in _micro_batches(samples, targets, pieces)]
+    totals = {}
+    for i, (samples, targets) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
+        with sync:
+            try:
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    outputs = model(samples, targets)
+                    loss_dict = criterion(outputs, targets, num_boxes=num_boxes)
+                    loss = criterion.total_loss(loss_dict)
+                failed = False
+            except RuntimeError as e:
+                if not is_out_of_memory(e):
+                    raise
+                failed = True
+            if dist_utils.any_rank(failed):
+                return None
+            try:
+                (loss if scaler is None else scaler.scale(loss)).backward()
+            except RuntimeError as e:
+                if not is_out_of_memory(e):
+                    raise
+                failed = True
+            if dist_utils.any_rank(failed):
+                return None
+        totals = {k: totals[k] + v.detach() if k in totals else v.detach() for k, v in loss_dict.items()}
+        del outputs, loss_dict, loss
+    return totals
+
+
+def _forget_failed_attempt(model) -> None:
+    """DDP remembers a forward whose backward never ran (on the processes where it completed): its reducer
+    would wait for that backward, and its buffer broadcast would run on some processes only. Every process
+    resets both the same way, so the retry starts from one state everywhere."""
+    if isinstance(model, DistributedDataParallel):
+        model.reducer._reset_state()  # the reset DDP itself does when its process group changes mid-training
+        model.require_forward_param_sync = True
+
+
+def _fewer_images_per_micro_batch(pieces: int, batch: int, accumulated: int, epoch: int, it: int) -> int:
+    """After running out of memory: twice as many micro-batches per batch, up to one image each."""
+    where = f"epoch {epoch} iteration {it} with batch {batch}"
+    if accumulated > 1:
+        where += f" (x{accumulated} accumulated)"
+    if pieces >= batch:
+        raise OutOfMemoryStop(f"out of memory at {where}, even with one image per micro-batch: lower the image "
+                              "sizes (data_aug_scales, data_aug_max_size) or use a device with more memory")
+    pieces = min(2 * pieces, batch)
+    size = f"{batch // pieces}" if batch % pieces == 0 else f"up to {-(-batch // pieces)}"
+    logger.warning("out of memory at %s: retrying as %d micro-batches of %s image(s) (same effective batch), and "
+                   "so for the rest of this epoch", where, pieces, size)
+    return pieces
+
+
+def _reduced_weighted_losses(criterion, losses: Dict[str, Tensor], epoch: int, it: int):
+    """(total, weighted terms) of the window, averaged over processes; a non-finite total stops training on
+    every process before the optimizer step."""
+    reduced = dist_utils.reduce_dict(losses)
+    weighted = {k: v * criterion.weight_dict[k] for k, v in reduced.items() if k in criterion.weight_dict}
+    loss_value = float(sum(weighted.values()))
+    if not math.isfinite(loss_value):
+        bad = sorted(k for k, v in reduced.items() if not torch.isfinite(v))
+        raise NonFiniteLossError(f"loss is {loss_value} at epoch {epoch} iteration {it}; non-finite terms: "
+                                 f"{', '.join(bad) or 'none individually (their sum overflowed)'}")
+    return loss_value, {k: float(v) for k, v in weighted.items()}
 
 
 def _check_finite(outputs: dict, loss_dict: dict, targets) -> None:
@@ -136,7 +274,7 @@ def _check_finite(outputs: dict, loss_dict: dict, targets) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, *, amp: bool = False,
+def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, *, amp_dtype: Optional[torch.dtype] = None,
              label_to_category_id=None, results_file: Optional[str] = None, max_iters: Optional[int] = None,
              after_batch: Optional[Callable[[], None]] = None):
     """COCO bbox evaluation over the whole (possibly sharded) loader; returns (stats dict, evaluator).
@@ -153,7 +291,7 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, *, 
             break
         samples = samples.to(device)
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-        with torch.autocast(device_type=torch.device(device).type, enabled=amp):
+        with torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
             outputs = model(samples)
             loss_dict = criterion(outputs, targets)
         _check_finite(outputs, loss_dict, targets)

@@ -16,7 +16,8 @@ from torch.utils.data import BatchSampler, DataLoader
 import util.checkpoint as ckpt
 from datasets import build_dataset, get_coco_api_from_dataset
 from datasets.sampler import GlobalBatchSampler, ShardedSampler
-from engine import Meters, NonFiniteLossError, NonFiniteOutputError, evaluate, train_one_epoch
+from engine import (Meters, NonFiniteLossError, NonFiniteOutputError, OutOfMemoryStop, autocast_dtype, evaluate,
+                    optimizer_steps_per_epoch, train_one_epoch)
 from models import build_model, load_pretrained_backbone
 from util import distributed as dist_utils
 from util import environment, interrupt, resume, run_dir
@@ -51,7 +52,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="epoch to start at; overrides the checkpoint's epoch when given")
     p.add_argument("--eval", action="store_true", help="only evaluate the given weights")
     p.add_argument("--num_workers", default=2, type=int, help="data loading worker processes per rank")
-    p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    p.add_argument("--amp", action="store_true",
+                   help="mixed precision in config key amp_dtype: float16 (CUDA, with a loss scaler) or "
+                   "bfloat16 (CUDA or CPU)")
     p.add_argument("--find_unused_params", action="store_true", help="DDP find_unused_parameters")
     p.add_argument("--save_log", action="store_true", help="log plain progress lines (every 10%% of an epoch) even on a terminal")
     p.add_argument("--save_results", action="store_true", help="write COCO-format detections to output_dir/eval/")
@@ -158,7 +161,8 @@ def _write_header(args, run_record: dict) -> None:
             json.dump(ckpt.plain_args(args), f, indent=2, sort_keys=True, default=str)
 
 
-def _evaluate_only(args, model, criterion, postprocessors, val_loader, base_ds, label_map, device) -> int:
+def _evaluate_only(args, model, criterion, postprocessors, val_loader, base_ds, label_map, device,
+                   amp_dtype) -> int:
     """--eval: the weights of --resume or --pretrain_model_path, never an auto-resumed checkpoint."""
     source = args.resume or args.pretrain_model_path
     if not source:
@@ -169,7 +173,7 @@ def _evaluate_only(args, model, criterion, postprocessors, val_loader, base_ds, 
                 source, report.format())
     results = os.path.join(args.output_dir, "eval", "results.json") if args.save_results and args.output_dir else None
     stats, _ = evaluate(model, criterion, postprocessors, val_loader, base_ds, device, results_file=results,
-                        label_to_category_id=label_map, max_iters=10 if args.debug else None)
+                        amp_dtype=amp_dtype, label_to_category_id=label_map, max_iters=10 if args.debug else None)
     if args.output_dir and dist_utils.is_main_process():
         with open(os.path.join(args.output_dir, "eval", "eval_stats.json"), "w") as f:
             json.dump({f"test_{k}": v for k, v in stats.items()}, f)
@@ -294,6 +298,7 @@ def main(args) -> int:
     if stale:
         logger.info("Removed %d temporary file(s) of interrupted saves: %s", len(stale), ", ".join(stale))
     device = torch.device(args.device)
+    amp_dtype = autocast_dtype(args.amp, args.amp_dtype, device.type)
     _seed_everything(args.seed + dist_utils.get_rank())
     run_record = environment.run_record(dist_utils.get_world_size())
     if dist_utils.is_main_process():
@@ -310,13 +315,13 @@ def main(args) -> int:
     logger.info("number of trainable parameters: %d (total %d)", args.n_parameters,
                 sum(p.numel() for p in model.parameters()))
     if args.eval:
-        return _evaluate_only(args, model, criterion, postprocessors, val_loader, base_ds, label_map, device)
+        return _evaluate_only(args, model, criterion, postprocessors, val_loader, base_ds, label_map, device,
+                              amp_dtype)
     train_sampler, train_loader = _loader(dataset_train, args, train=True)
-    iterations = len(train_loader)
+    iterations = optimizer_steps_per_epoch(len(train_loader), args.accumulate_steps)  # counts optimizer steps
     max_iters = 10 if args.debug else None
     optimizer = _optimizer(model, args)
-    scaler = torch.amp.GradScaler("cuda") if args.amp and device.type == "cuda" else None
-    amp = scaler is not None
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     ema = None
     if args.use_ema:
         ema = torch.optim.swa_utils.AveragedModel(
@@ -358,7 +363,8 @@ def main(args) -> int:
                 state.finish()  # the save before this evaluation is complete
                 _stop(args, f"the evaluation of epoch {epoch}",
                       f"{ckpt.LATEST} holds epoch {epoch}'s training, which a rerun evaluates first")
-        eval_kwargs = dict(amp=amp, label_to_category_id=label_map, max_iters=max_iters, after_batch=after_batch)
+        eval_kwargs = dict(amp_dtype=amp_dtype, label_to_category_id=label_map, max_iters=max_iters,
+                           after_batch=after_batch)
         results = os.path.join(args.output_dir, "eval", f"results{epoch:04d}.json") \
             if args.save_results and args.output_dir else None
         try:
@@ -413,13 +419,14 @@ def main(args) -> int:
         epoch_started = time.time()
         train_sampler.set_epoch(epoch)
         train_sampler.set_start(samples_done)
-        start_iter = samples_done // train_sampler.global_batch
+        window = train_sampler.global_batch * args.accumulate_steps  # global samples per optimizer step
+        start_iter = samples_done // window
         meters = Meters(position.meters if samples_done else None)
         # The last completed step: what a periodic save, a stop signal or a failed step records.
         last = dict(iteration=start_iter, samples_done=samples_done, meters=meters.state(), rng_state=None)
 
         def after_iteration(it, meters, targets, epoch=epoch, first=samples_done, start_iter=start_iter):
-            last.update(iteration=it, samples_done=first + (it - start_iter) * train_sampler.global_batch,
+            last.update(iteration=it, samples_done=first + (it - start_iter) * window,
                         meters=meters.state(), rng_state=capture_rng_state())
             losses.add(meters.last["loss"])
             if sample_record is not None:
@@ -433,10 +440,11 @@ def main(args) -> int:
 
         try:
             train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, max_norm=args.clip_max_norm,
-                            scaler=scaler, amp=amp, ema=ema,
+                            scaler=scaler, amp_dtype=amp_dtype, ema=ema,
                             iteration_scheduler=state.scheduler if per_iteration else None, start_iter=start_iter,
-                            steps=train_sampler.steps_left(), meters=meters, after_iteration=after_iteration,
-                            max_iters=max_iters, log_progress=args.save_log)
+                            steps=train_sampler.steps_left() // args.accumulate_steps, meters=meters,
+                            after_iteration=after_iteration, max_iters=max_iters, log_progress=args.save_log,
+                            accumulate_steps=args.accumulate_steps)
         except Exception as e:
             if not isinstance(e, (FloatingPointError, ckpt.CheckpointWriteError, interrupt.TrainingInterrupted)):
                 _save_before_failure(args, state, epoch, last, best, losses)
@@ -471,7 +479,7 @@ def cli(argv=None) -> int:
         return _fail(f"stopped by Ctrl-C before a save; {_last_save(args)}", 130, args)
     except BAD_INPUT as e:
         return _fail(str(e), 2, args)
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, OutOfMemoryStop) as e:
         return _fail(f"{e}; {_last_save(args)}", 1, args)
     except TRAINING_FAILURES as e:
         return _fail(str(e), 1, args)

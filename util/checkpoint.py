@@ -268,7 +268,8 @@ def training_state(model, optimizer, lr_scheduler, scaler, ema, *, epoch: int, i
         # The data order is a pure function of the seed and the epoch (datasets/sampler.py): samples_done says
         # exactly which samples of it were trained on, whatever the number of processes that continues.
         'data_order': {'scheme': 'global-batch', 'seed': args.seed, 'world_size': getattr(args, 'world_size', 1),
-                       'batch_size': args.batch_size, 'samples_done': samples_done, 'num_samples': num_samples},
+                       'batch_size': args.batch_size, 'accumulate_steps': getattr(args, 'accumulate_steps', 1),
+                       'samples_done': samples_done, 'num_samples': num_samples},
         'args': plain_args(args),
         **facts,
         'best': dict(best),

@@ -6,6 +6,7 @@ records as 'origin'. When output_dir holds a checkpoint written from the same st
 the explicit source; a different starting point, or --no_auto_resume, starts over.
 """
 import logging
+import math
 import os
 import shutil
 import warnings
@@ -31,7 +32,8 @@ ARCHITECTURE_KEYS = ('modelname', 'backbone', 'backbone_norm', 'return_interm_in
                      'dn_labelbook_size', 'backbone_freeze_at', 'lr_backbone_names')
 # Changing one of these is allowed on resume but worth a line in the log.
 HYPERPARAMETER_KEYS = ('lr', 'lr_backbone', 'weight_decay', 'batch_size', 'lr_scheduler', 'lr_drop', 'lr_drop_list',
-                       'clip_max_norm', 'epochs', 'use_ema', 'ema_decay', 'amp', 'seed', 'dataset_file', 'coco_path')
+                       'clip_max_norm', 'epochs', 'use_ema', 'ema_decay', 'amp', 'amp_dtype', 'accumulate_steps', 'seed',
+                       'dataset_file', 'coco_path', 'early_stop_patience')
 
 
 def architecture_differences(saved: dict, current: dict) -> List[str]:
@@ -296,15 +298,17 @@ def _restore_data_position(checkpoint: dict, position: Position, state: "TrainSt
     elif position.iteration:
         note = f"the checkpoint stopped mid-epoch in an older data order: epoch {position.epoch} restarts"
         position.meters = {}
-    saved = (order.get("world_size", 1), order.get("batch_size", args.batch_size))
-    if saved != (world_size, args.batch_size):
-        note = (f"the checkpoint was written by {saved[0]} process(es) x batch {saved[1]}, now {world_size} x "
-                f"{args.batch_size}: " + (f"epoch {position.epoch} continues from sample {position.samples_done} of "
-                                          "its order, split among the processes now running; " if position.samples_done
-                                          else "") +
-                ("the global batch is kept" if saved[0] * saved[1] == world_size * args.batch_size else
-                 f"the global batch changed from {saved[0] * saved[1]} to {world_size * args.batch_size}"))
-    position.iteration = position.samples_done // (world_size * args.batch_size)
+    layout = (world_size, args.batch_size, args.accumulate_steps)
+    saved = (order.get("world_size", 1), order.get("batch_size", args.batch_size), order.get("accumulate_steps", 1))
+    if saved != layout:
+        note = (f"the checkpoint was written by {saved[0]} process(es) x batch {saved[1]} x accumulate_steps {saved[2]},"
+                f" now {layout[0]} x {layout[1]} x {layout[2]}: " +
+                (f"epoch {position.epoch} continues from sample {position.samples_done} of its order, split among "
+                 "the processes now running; " if position.samples_done else "") +
+                ("the global batch is kept" if math.prod(saved) == math.prod(layout) else
+                 f"the global batch changed from {math.prod(saved)} to {math.prod(layout)} (set batch_size or "
+                 "accumulate_steps to keep it)"))
+    position.iteration = position.samples_done // math.prod(layout)
     return note
 
 

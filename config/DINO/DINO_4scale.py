@@ -16,6 +16,13 @@ lr_drop = 11
 lr_drop_list = [33, 45]
 clip_max_norm = 0.1
 early_stop_patience = 0  # end training after N epochs without a better bbox AP; 0 = off
+# Gradient accumulation: one optimizer step per accumulate_steps batches, so the effective batch is
+# accumulate_steps x batch_size x processes (losses normalised as one batch of them all). Iterations, the lr
+# schedule and save_every_iters count optimizer steps; an epoch's last incomplete window is skipped.
+accumulate_steps = 1
+# Mixed precision dtype of --amp: "float16" (CUDA only, with a loss scaler) or "bfloat16" (CUDA or CPU).
+# The deformable attention's sampling, the matcher and the losses always run in float32.
+amp_dtype = "float16"
 use_ema = False
 ema_decay = 0.9997
 

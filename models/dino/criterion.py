@@ -1,5 +1,8 @@
-"""DINO's losses: focal classification, L1 and GIoU boxes, for every decoder layer, the encoder and the DN queries."""
-from typing import Dict, List, Tuple
+"""DINO's losses: focal classification, L1 and GIoU boxes, for every decoder layer, the encoder and the DN queries.
+
+Losses and matching always run in float32, also under autocast: focal terms and box differences of
+half-precision predictions would round away most of their signal."""
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -30,14 +33,14 @@ class SetCriterion(nn.Module):
 
     def single_output_losses(self, outputs: Dict[str, Tensor], targets: List[Dict[str, Tensor]],
                              indices: List[Tuple[Tensor, Tensor]], num_boxes: float) -> Dict[str, Tensor]:
-        logits = outputs["pred_logits"]
+        logits = outputs["pred_logits"].float()
         batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(logits.device)
         src_idx = torch.cat([src for src, _ in indices]).to(logits.device)
         target_classes = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
         onehot = torch.zeros_like(logits)
         onehot[batch_idx, src_idx, target_classes] = 1.0
         loss_ce = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=2.0, reduction="sum") / num_boxes
-        src_boxes = outputs["pred_boxes"][batch_idx, src_idx]
+        src_boxes = outputs["pred_boxes"][batch_idx, src_idx].float()
         tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)])
         loss_bbox = (src_boxes - tgt_boxes).abs().sum() / num_boxes
         loss_giou = generalized_box_iou_loss(box_convert(src_boxes, "cxcywh", "xyxy"),
@@ -59,11 +62,23 @@ class SetCriterion(nn.Module):
             indices.append(((offsets[:, None] + j).flatten(), j.repeat(dn_meta["num_dn_group"])))
         return indices
 
-    def forward(self, outputs: Dict, targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
-        device = outputs["pred_logits"].device
+    @staticmethod
+    def average_num_boxes(targets: List[Dict[str, Tensor]], device) -> float:
+        """The losses' normaliser: the boxes of `targets` per process, averaged over processes (at least 1).
+        Given the targets of several micro-batches, it normalises each of them as part of one large batch."""
         num_boxes = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
-        num_boxes = (dist_utils.all_reduce_sum(num_boxes) / dist_utils.get_world_size()).clamp(min=1).item()
+        return (dist_utils.all_reduce_sum(num_boxes) / dist_utils.get_world_size()).clamp(min=1).item()
 
+    def forward(self, outputs: Dict, targets: List[Dict[str, Tensor]],
+                num_boxes: Optional[float] = None) -> Dict[str, Tensor]:
+        """num_boxes: the normaliser (default: average_num_boxes of these targets, a collective under DDP)."""
+        device = outputs["pred_logits"].device
+        if num_boxes is None:
+            num_boxes = self.average_num_boxes(targets, device)
+        with torch.autocast(device.type, enabled=False):
+            return self._losses(outputs, targets, num_boxes)
+
+    def _losses(self, outputs: Dict, targets: List[Dict[str, Tensor]], num_boxes: float) -> Dict[str, Tensor]:
         layers = [outputs] + outputs.get("aux_outputs", [])
         suffixes = [""] + [f"_{i}" for i in range(len(layers) - 1)]
         losses = {}
@@ -81,7 +96,7 @@ class SetCriterion(nn.Module):
                                self.single_output_losses(layer_out, targets, indices, dn_boxes).items()})
         elif any(k.endswith("_dn") for k in self.weight_dict):
             # No DN this step (no boxes): zeros keep the logged keys identical on every step and rank.
-            zero = outputs["pred_logits"].sum() * 0.0
+            zero = outputs["pred_logits"].float().sum() * 0.0
             losses.update({k + "_dn" + s: zero for s in suffixes for k in LOSS_TERMS})
         return losses
 

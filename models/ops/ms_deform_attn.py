@@ -20,7 +20,13 @@ def multi_scale_deformable_attn(value: Tensor, spatial_shapes: Shapes, sampling_
     value (N, S, M, D), spatial_shapes (L, 2) as (H, W), sampling_locations (N, Lq, M, L, P, 2) as xy in [0, 1],
     attention_weights (N, Lq, M, L, P) -> (N, Lq, M * D). Same layouts as the official ms_deform_attn_core_pytorch;
     points outside the map read zeros (grid_sample, zero padding, align_corners=False).
+    Half-precision inputs (autocast) are sampled and summed in float32, the output cast back to value's dtype:
+    bilinear weights and the sum over levels and points in bfloat16 lose precision.
     """
+    if any(t.dtype in (torch.float16, torch.bfloat16) for t in (value, sampling_locations, attention_weights)):
+        with torch.autocast(value.device.type, enabled=False):
+            return multi_scale_deformable_attn(value.float(), spatial_shapes, sampling_locations.float(),
+                                               attention_weights.float()).to(value.dtype)
     n, _, m, d = value.shape
     _, lq, _, levels, points, _ = sampling_locations.shape
     shapes = _as_list(spatial_shapes)

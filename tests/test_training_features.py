@@ -1,0 +1,211 @@
+"""Gradient accumulation, bfloat16 mixed precision and recovery from running out of memory, through main.py.
+
+Accumulated and split batches equal one large batch only when nothing mixes the images of a batch: the
+comparisons use group norm (not batch statistics) and no denoising queries (their count and noise depend on
+the batch), as any gradient accumulation would need."""
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from datasets.sampler import GlobalBatchSampler
+from engine import train_one_epoch
+from models import build_model
+from models.ops import multi_scale_deformable_attn
+from runner import DEMO, ROOT, TINY_OPTIONS, assert_same_training, popen_main, read_log, run_main, wait_for_line
+from tiny import tiny_args
+from util.misc import nested_tensor_from_tensor_list
+
+BATCH_INDEPENDENT = ["use_dn=False", "backbone_norm=gn", "epochs=1"]
+ACCUMULATED = BATCH_INDEPENDENT + ["batch_size=2", "accumulate_steps=4"]  # 16 images: 2 steps of 4 x 2
+ONE_BATCH = BATCH_INDEPENDENT + ["batch_size=8"]  # the same effective batches in one piece
+
+# main.py whose model runs out of memory in the training forwards for which {fails} holds (of `forwards`, their
+# count, and `images`): the error CUDA raises, thrown before any work, so the retried step is the only change.
+INJECT_OOM = """
+import sys
+sys.path.insert(0, {root!r})
+import torch
+import main
+
+real_build = main.build_model_main
+forwards = 0
+
+
+def build_model_main(args):
+    model, criterion, postprocessors = real_build(args)
+    real_forward = model.forward
+
+    def forward(samples, targets=None):
+        global forwards
+        if model.training:
+            forwards, images = forwards + 1, len(samples.tensors)
+            if {fails}:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_forward(samples, targets)
+    model.forward = forward
+    return model, criterion, postprocessors
+
+
+main.build_model_main = build_model_main
+sys.exit(main.cli())
+"""
+
+
+def _run_injected(data, out, fails, tmp_path):
+    script = tmp_path / "oom_main.py"
+    script.write_text(INJECT_OOM.format(root=str(ROOT), fails=fails))
+    proc = popen_main(data, out, script=str(script), options=ONE_BATCH)
+    output = proc.communicate(timeout=300)[0]
+    return proc.returncode, output
+
+
+def _parameters(out):
+    return torch.load(out / "checkpoint.pth", weights_only=True)["model"]
+
+
+def _assert_same_up_to_rounding(ref_dir, other_dir):
+    """Equal losses, and parameters equal to 1e-5 except a few: AdamW's first steps move each parameter by about
+    lr * sign(gradient), so where a gradient is within rounding of zero that step may go either way (by lr)."""
+    ref, other = _parameters(ref_dir), _parameters(other_dir)
+    assert ref.keys() == other.keys()
+    differences = torch.cat([(ref[k].float() - other[k].float()).abs().flatten() for k in ref])
+    assert (differences > 1e-5).float().mean() < 1e-4 and differences.max() <= 2 * 5e-4  # the demo's lr
+    ref_log, other_log = read_log(ref_dir)[0], read_log(other_dir)[0]
+    train_keys = [k for k in ref_log if k.startswith("train_")]
+    assert len(train_keys) > 10 and set(train_keys) == {k for k in other_log if k.startswith("train_")}
+    assert [other_log[k] for k in train_keys] == pytest.approx([ref_log[k] for k in train_keys], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def accumulated(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("accumulated")
+    proc = run_main(data, out, options=ACCUMULATED)
+    assert "2 iterations per epoch" in proc.stdout
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_batch(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one_batch")
+    proc = run_main(data, out, options=ONE_BATCH)
+    assert "2 iterations per epoch" in proc.stdout
+    return out
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_accumulation_windows_hold_the_images_of_one_large_batch(processes):
+    """Over all processes, each window of 2 accumulated batches of 2 holds the images of one step with batch 4."""
+    def steps(batch_size, accumulate):
+        per_rank = [list(GlobalBatchSampler(16, batch_size, seed=42, num_replicas=processes, rank=rank))
+                    for rank in range(processes)]
+        return [sorted(key for rank in per_rank for batch in rank[i:i + accumulate] for key in batch)
+                for i in range(0, len(per_rank[0]), accumulate)]
+    assert steps(2, 2) == steps(4, 1)
+
+
+def test_four_accumulated_batches_train_like_one_batch_of_all(accumulated, one_batch):
+    _assert_same_up_to_rounding(one_batch, accumulated)
+
+
+def test_sigterm_inside_accumulation_resumes_bit_exactly(data, tmp_path):
+    options = ["batch_size=1", "accumulate_steps=2", "epochs=1"]  # 8 windows of 2 x 1, denoising on
+    reference = run_main(data, tmp_path / "reference", options=options)
+    assert "8 iterations per epoch" in reference.stdout
+    proc = popen_main(data, tmp_path / "run", options=options)
+    wait_for_line(proc, "Epoch 0 [2/8]")
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 3, rest
+    saved = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
+    assert 2 <= saved["iteration"] < 8  # a window boundary: the window under way when the signal came was finished
+    resumed = run_main(data, tmp_path / "run", options=options)
+    assert f"epoch 0, iteration {saved['iteration']} of 8" in resumed.stdout
+    assert_same_training(tmp_path / "reference", tmp_path / "run")
+
+
+def test_out_of_memory_retries_the_step_in_halves_and_trains_the_same(data, one_batch, tmp_path):
+    code, output = _run_injected(data, tmp_path / "out", "images > 1 and forwards == 2", tmp_path)
+    assert code == 0, output[-3000:]
+    assert ("out of memory at epoch 0 iteration 1 with batch 8: retrying as 2 micro-batches of 4 image(s)"
+            in output)
+    _assert_same_up_to_rounding(one_batch, tmp_path / "out")
+
+
+def test_out_of_memory_on_one_of_two_processes_makes_both_retry_and_train_the_same(data, one_batch, tmp_path):
+    """torchrun, 2 processes of batch 4: the same steps of 8 images as one process of batch 8. Only rank 0 runs
+    out of memory, in the forward whose backward synchronises gradients; both must switch to micro-batches."""
+    script = tmp_path / "oom_main.py"
+    script.write_text(INJECT_OOM.format(root=str(ROOT), fails="images > 1 and forwards == 2 and "
+                                                              "torch.distributed.get_rank() == 0"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "-c",
+           DEMO, "--coco_path", str(data), "--output_dir", str(tmp_path / "out"), "--num_workers", "0",
+           "--options", *TINY_OPTIONS, *BATCH_INDEPENDENT, "batch_size=4"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        output = proc.communicate(timeout=180)[0]
+    except subprocess.TimeoutExpired:  # the processes disagreed and wait for each other
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, output[-3000:]
+    assert "out of memory at epoch 0 iteration 1 with batch 4: retrying as 2 micro-batches of 2 image(s)" in output
+    _assert_same_up_to_rounding(one_batch, tmp_path / "out")
+
+
+def test_out_of_memory_with_one_image_stops_with_a_clear_error(data, tmp_path):
+    code, output = _run_injected(data, tmp_path / "out", "True", tmp_path)
+    assert code == 1
+    assert "retrying as 8 micro-batches of 1 image(s)" in output
+    error = output.strip().splitlines()[-1]
+    assert error.startswith("error: out of memory at epoch 0 iteration 0 with batch 8, even with one image per "
+                            "micro-batch: lower the image sizes"), output[-3000:]
+    assert "Traceback" not in output
+
+
+def test_bfloat16_run_on_cpu_completes_an_epoch_with_finite_losses(data, tmp_path):
+    run_main(data, tmp_path, "--amp", options=["amp_dtype=bfloat16", "epochs=1"])
+    log = read_log(tmp_path)
+    losses = {k: v for k, v in log[0].items() if k.startswith(("train_loss", "test_loss"))}
+    assert len(losses) > 20 and all(math.isfinite(v) for v in losses.values()), losses
+    assert 0 < log[0]["train_loss"] < 100
+
+
+def test_float16_on_cpu_is_a_clear_error(data, tmp_path):
+    proc = run_main(data, tmp_path, "--amp", options=["epochs=1"], check=False)
+    assert proc.returncode == 2
+    assert proc.stdout.strip().splitlines()[-1] == (
+        "error: --amp with amp_dtype=float16 needs CUDA, and the device is cpu: use --options amp_dtype=bfloat16 "
+        "for mixed precision on it")
+
+
+def test_bfloat16_training_learns_a_fixed_batch_with_float32_losses():
+    torch.manual_seed(0)
+    model, criterion, _ = build_model(tiny_args(backbone_norm="gn"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    images = nested_tensor_from_tensor_list([torch.randn(3, 64, 64), torch.randn(3, 64, 64)])
+    targets = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
+               {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model(images, targets)
+        loss_dict = criterion(outputs, targets)
+    assert outputs["pred_logits"].dtype == torch.bfloat16  # autocast is on, yet the losses are float32
+    assert {v.dtype for v in loss_dict.values()} == {torch.float32}
+    losses = [train_one_epoch(model, criterion, [(images, targets)], optimizer, "cpu", 0, max_norm=0.1,
+                              amp_dtype=torch.bfloat16)["loss"] for _ in range(30)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) < 0.6 * sum(losses[:3]), losses
+
+
+def test_attention_core_under_bfloat16_autocast_is_close_to_float32():
+    case = torch.load(ROOT.parent / "shared" / "reference" / "msda_vectors.pt", weights_only=True)["cases"][0]
+    value, locations, weights = case["value"], case["sampling_locations"], case["attention_weights"]
+    expected = multi_scale_deformable_attn(value, case["spatial_shapes"], locations, weights)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what the module feeds it: projections in bfloat16
+        out = multi_scale_deformable_attn(value.bfloat16(), case["spatial_shapes"], locations, weights.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert ((out.float() - expected).norm() / expected.norm()).item() < 1e-2
