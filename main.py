@@ -405,6 +405,7 @@ def main(args) -> int:
         logger.info("Epoch %d done in %.0f s: bbox AP %.4f (best %.4f at epoch %d)", epoch, log_stats["epoch_time"],
                     test_stats["coco_eval_bbox"][0], best["regular"]["ap"], best["regular"]["epoch"])
 
+    losses = LossWatch(position.recent_losses)
     if position.pending:
         logger.info("Epoch %d was trained but not evaluated: evaluating it first", position.pending["epoch"])
         evaluate_and_record(**position.pending)
@@ -412,7 +413,6 @@ def main(args) -> int:
     started = time.time()
     samples_done = position.samples_done  # global samples of position.epoch already trained on
     sample_record = _sample_record(args)
-    losses = LossWatch(position.recent_losses)
     for epoch in range(position.epoch, args.epochs):
         if _early_stop(args, best, epoch - 1):
             break

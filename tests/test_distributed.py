@@ -42,8 +42,9 @@ def test_a_mid_epoch_checkpoint_continues_on_any_number_of_processes(tmp_path):
     text += alone.communicate(timeout=120)[0]
     assert alone.returncode == 3, text[-3000:]
     done = saved["data_order"]["samples_done"]
-    assert (f"iteration {done // 2} of 12" in text and "written by 2 process(es) x batch 2, now 1 x 2: epoch 1 "
-            f"continues from sample {done} of its order") in text, text[-3000:]
+    assert f"iteration {done // 2} of 12" in text, text[-3000:]
+    assert ("written by 2 process(es) x batch 2 x accumulate_steps 1, now 1 x 2 x 1: epoch 1 continues from sample "
+            f"{done} of its order") in text, text[-3000:]
     inspected = subprocess.run([sys.executable, "tools/inspect_checkpoint.py", str(out / "checkpoint.pth")],
                                cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True).stdout
     assert re.search(r"epoch 1: \d+ of 24 images done, by 1 process\(es\) x batch 2", inspected), inspected
