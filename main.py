@@ -11,7 +11,7 @@ import traceback
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader
+from torch.utils.data import BatchSampler
 
 import util.checkpoint as ckpt
 from datasets import build_dataset, get_coco_api_from_dataset
@@ -141,8 +141,8 @@ def _loader(dataset, args, train: bool):
         sampler = GlobalBatchSampler(len(dataset), args.batch_size, args.seed, world_size, rank)
     else:
         sampler = BatchSampler(ShardedSampler(len(dataset), world_size, rank), args.batch_size, drop_last=False)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=args.num_workers, generator=torch.Generator(),
-                        worker_init_fn=interrupt.ignore_in_worker)
+    loader = interrupt.StopSafeDataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn,
+                                          num_workers=args.num_workers, generator=torch.Generator())
     if len(loader) == 0:
         raise ValueError(f"the {'training' if train else 'validation'} set has {len(dataset)} images, fewer than "
                          f"one batch of {args.batch_size} per process: lower batch_size")

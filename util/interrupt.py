@@ -4,6 +4,8 @@ import gc
 import multiprocessing
 import signal
 
+from torch.utils.data import DataLoader
+
 from util import distributed as dist_utils
 
 EXIT_INTERRUPTED = 3  # saved checkpoint.pth after a stop signal; rerun the same command to resume
@@ -43,11 +45,29 @@ def stop_requested() -> bool:
     return dist_utils.any_rank(_state["signal"] is not None)
 
 
-def ignore_in_worker(_worker_id: int) -> None:
-    """DataLoader worker_init_fn: SLURM and `timeout` signal the whole process group, and a worker that died of
-    it would turn a clean save-and-stop into a crash. Workers leave stopping to the main process."""
+class StopSafeDataLoader(DataLoader):
+    """A DataLoader whose workers never die of a stop signal: SLURM, `timeout` and torchrun signal the whole
+    process group, and a dead worker would turn a clean save-and-stop into a crash. The signals are blocked
+    while the workers start (a fork keeps the mask; torch's worker set-up would otherwise die of SIGTERM before
+    any worker_init_fn runs), and each worker ignores them before unblocking: stopping is the main process's."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, worker_init_fn=_ignore_stop_signals, **kwargs)
+
+    def __iter__(self):
+        if self.num_workers == 0:
+            return super().__iter__()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 @atexit.register  # registered after multiprocessing's own exit hook, so it runs before it
