@@ -76,11 +76,11 @@ def test_scontrol_requeue_mid_run_resumes_and_matches_an_uninterrupted_run(slurm
     job_id = _submit(slurm, data, job_dir, options=options)
     _wait(job_dir, "Epoch 2 [3/8]", timeout=240)
     subprocess.run(["scontrol", "requeue", job_id], env=slurm, check=True)
-    _wait(job_dir, "SIGTERM received during epoch", timeout=60)
+    _wait(job_dir, "SIGTERM received during", timeout=60)  # training or the evaluation of an epoch
     _start_now(slurm, job_id)
     _wait(job_dir, "Training time", timeout=300)
     text = _job_text(job_dir)
-    assert re.search(r"Continuing the interrupted run in .*: epoch \d+, iteration [1-8] of 8", text), text[-3000:]
+    assert re.search(r"Continuing the interrupted run in .*: epoch \d+, iteration \d of 8", text), text[-3000:]
     assert [e["epoch"] for e in read_log(job_dir)] == list(range(12))
     assert _same_weights(reference, job_dir)
 
