@@ -2,6 +2,7 @@
 whichever signal stopped it and wherever (training, evaluation, DataLoader workers)."""
 import argparse
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -38,16 +39,40 @@ def _interrupt(proc, at, sig=signal.SIGTERM, group=False):
     return output
 
 
+SLOW_TRAINING = """
+import sys, time
+sys.path.insert(0, {root!r})
+import main
+
+real_train_one_epoch = main.train_one_epoch
+
+
+def slow_train_one_epoch(*args, after_iteration, **kwargs):
+    def after(*a):  # a pause between an iteration's progress line and its stop check, as in a real run
+        time.sleep(0.3)
+        after_iteration(*a)
+    return real_train_one_epoch(*args, after_iteration=after, **kwargs)
+
+
+main.train_one_epoch = slow_train_one_epoch
+sys.exit(main.cli())
+"""
+
+
 @pytest.mark.parametrize("flags", [["--finetune_ignore", "class_embed", "--start_epoch", "1"], []],
                          ids=["finetune", "resume"])
 def test_rerunning_an_interrupted_command_continues_it(data, pretrained, tmp_path, flags):
     command = ["--resume", str(pretrained), *flags]
     run_main(data, tmp_path / "uninterrupted", *command, options=["epochs=3"])
     out = tmp_path / "run"
-    _interrupt(popen_main(data, out, *command, options=["epochs=3"]), "Epoch 1 [3/8]")
+    script = tmp_path / "slow_train_main.py"
+    script.write_text(SLOW_TRAINING.format(root=str(ROOT)))
+    output = _interrupt(popen_main(data, out, *command, options=["epochs=3"], script=str(script)), "Epoch 1 [3/8]")
+    # The signal lands at iteration 3 or, on a very busy machine, a little later: the rerun continues where it saved.
+    saved_at = int(re.search(r"SIGTERM received during epoch 1: saved \S+ at iteration (\d+)", output).group(1))
     rerun = run_main(data, out, *command, options=["epochs=3"])
     started = f"started from {pretrained}" + (" with --finetune_ignore class_embed --start_epoch 1" if flags else "")
-    assert f"Continuing the interrupted run in {out} ({started}): epoch 1, iteration 3 of 8" in rerun.stdout
+    assert f"Continuing the interrupted run in {out} ({started}): epoch 1, iteration {saved_at} of 8" in rerun.stdout
     assert "Loaded model weights only" not in rerun.stdout and "Resuming training from" not in rerun.stdout
     assert [e["epoch"] for e in read_log(out)] == [1, 2]
     assert_same_training(tmp_path / "uninterrupted", out)
