@@ -6,8 +6,8 @@
 
 Timings are medians of --runs repeats (min-max) after one warm-up. Absolute times move by 2x between days and
 machines, so every ratio compares two workloads timed in this run, in interleaved rounds (A, B, A, B, ...): the
-attention core against the reference formula, the model against itself with the reference core swapped in,
-and with --against REV the code of git revision REV (checked out into a temporary worktree, removed at the end)
+attention core against the reference formula, the model against itself with the reference core swapped in
+and under bfloat16 autocast (main.py --amp --options amp_dtype=bfloat16), and with --against REV the code of git revision REV (checked out into a temporary worktree, removed at the end)
 against ours, each side in a worker subprocess of this script that builds the model with its own revision's code.
 A ratio is the median (min-max) of the per-round ratios baseline time / our time: above 1 means ours is faster.
 FLOPs count a multiply-add as 2 (FlopCounterMode's convention; papers quoting fvcore count it as 1); the
@@ -196,22 +196,28 @@ class Workload:
             return {"labels": labels.to(device), "boxes": boxes.to(device)}
         self.targets = [target() for _ in range(batch)]
 
-    def eval_forward(self):
+    def eval_forward(self, autocast_dtype=None):
         self.model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), _autocast(self.samples.tensors.device, autocast_dtype):
             self.model(self.samples)
 
-    def train_step(self):
-        """What an iteration of training does: forward with denoising, loss, backward, clipping, AdamW step."""
+    def train_step(self, autocast_dtype=None):
+        """What an iteration of training does: forward with denoising, loss, backward, clipping, AdamW step;
+        with autocast_dtype, the forward and loss run under autocast as `main.py --amp` runs them."""
         self.model.train()
         self.criterion.train()
-        losses = self.criterion(self.model(self.samples, self.targets), self.targets)
+        with _autocast(self.samples.tensors.device, autocast_dtype):
+            losses = self.criterion(self.model(self.samples, self.targets), self.targets)
         loss = sum(losses[k] * w for k, w in self.criterion.weight_dict.items() if k in losses)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.args.clip_max_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_max_norm)
         self.optimizer.step()
+
+
+def _autocast(device: torch.device, dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def peak_memory(fn, device: str):
@@ -324,7 +330,9 @@ def worker_main(opts) -> None:
         work = Workload(opts.config, opts.options, opts.size, opts.batch, opts.device)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"{type(e).__name__}: {e}")
-    jobs = {"eval": timer(work.eval_forward, opts.device), "train": timer(work.train_step, opts.device)}
+    jobs = {"eval": timer(work.eval_forward, opts.device), "train": timer(work.train_step, opts.device),
+            "eval_bf16": timer(lambda: work.eval_forward(torch.bfloat16), opts.device),
+            "train_bf16": timer(lambda: work.train_step(torch.bfloat16), opts.device)}
     print(json.dumps({"ready": True}), file=replies, flush=True)
     for line in sys.stdin:
         print(json.dumps({"s": jobs[line.strip()]()}), file=replies, flush=True)
@@ -399,7 +407,8 @@ def benchmark(opts) -> dict:
         def with_reference(fn=fn):
             with attention_core(lambda core: reference_core):
                 fn()
-        times = interleaved({"ours": timer(fn, device), "reference": timer(with_reference, device)}, runs)
+        times = interleaved({"ours": timer(fn, device), "reference": timer(with_reference, device),
+                             "bf16": timer(lambda fn=fn: fn(torch.bfloat16), device)}, runs)
         table.add(key, f"{what}, batch {batch}", summary(times["ours"]), "s", flops, matmul)
         if key == "eval":
             table.add("eval_images_per_s", "eval forward, images/s", summary([batch / t for t in times["ours"]]),
@@ -408,6 +417,9 @@ def benchmark(opts) -> dict:
                   flops, matmul)
         table.add(f"{key}_ratio_reference_core", f"{what}: reference core time / ours",
                   ratio(times["reference"], times["ours"]), "x")
+        table.add(f"{key}_bf16", f"{what}, bfloat16 autocast (main.py --amp)", summary(times["bf16"]), "s")
+        table.add(f"{key}_ratio_bf16", f"{what}: float32 time / bfloat16 autocast", ratio(times["ours"], times["bf16"]),
+                  "x")
 
     progress("peak memory")
     for key, what, fn in (("eval", "eval forward", work.eval_forward), ("train", "training step", work.train_step)):
@@ -464,11 +476,17 @@ def compare_revision(opts, table, eval_flops, train_flops, matmul) -> dict:
             workers = [Worker("ours", ROOT, opts, logs), Worker(rev, path, opts, logs)]
             for key, what, flops in (("eval", "eval forward", eval_flops),
                                      ("train", "training step", train_flops)):
-                progress(f"{what}: ours and {rev}, interleaved rounds, {opts.runs} runs")
-                times = interleaved({w.label: w.timed(key) for w in workers}, opts.runs)
+                progress(f"{what}: ours, ours with bfloat16 autocast and {rev}, interleaved rounds, {opts.runs} runs")
+                ours, theirs = workers
+                times = interleaved({"ours": ours.timed(key), "ours_bf16": ours.timed(f"{key}_bf16"),
+                                     rev: theirs.timed(key)}, opts.runs)
                 table.add(f"{key}_ours_worker", f"{what}, ours (worker)", summary(times["ours"]), "s", flops, matmul)
                 table.add(f"{key}_against", f"{what}, {rev}", summary(times[rev]), "s")
                 table.add(f"{key}_ratio_against", f"{what}: {rev} time / ours", ratio(times[rev], times["ours"]), "x")
+                table.add(f"{key}_bf16_worker", f"{what}, ours with bfloat16 autocast (worker)",
+                          summary(times["ours_bf16"]), "s")
+                table.add(f"{key}_ratio_against_bf16", f"{what}: {rev} time / ours with bfloat16 autocast",
+                          ratio(times[rev], times["ours_bf16"]), "x")
         finally:
             for worker in workers:
                 worker.close()
