@@ -52,7 +52,7 @@ def report(tmp_path_factory):
 def test_every_row_has_numbers_and_the_json_has_them_all(report):
     proc, results = report
     rows = table_rows(proc.stdout)
-    assert len(rows) == len(results["rows"]) == 34
+    assert len(rows) == len(results["rows"]) == 35
     for key, row in results["rows"].items():
         cells = rows[row["what"]]
         assert number(cells[0]) == pytest.approx(row["median"], rel=1e-3, abs=1e-9), key
@@ -80,13 +80,14 @@ def test_parameters_and_flops(report):
     assert rows["gflops_counted"]["median"] > 0.1  # ResNet-18 alone is ~0.15 GFLOPs at 64x64
     assert rows["gflops_eval"]["median"] == pytest.approx(rows["gflops_counted"]["median"]
                                                           + rows["gflops_sampling"]["median"])
-    assert rows["gflops_train"]["median"] > 2 * rows["gflops_eval"]["median"]
+    assert 2 * rows["gflops_eval"]["median"] < rows["gflops_train"]["median"] < 4 * rows["gflops_eval"]["median"]
 
 
 def test_reference_core_comparisons_are_paired_rounds(report):
     _, results = report
     rows = results["rows"]
-    assert rows["core_max_abs_difference"]["median"] < 1e-5
+    # as close to the exact (float64) results as the official float32 formula is
+    assert 0 < rows["core_error"]["median"] <= 1.5 * rows["core_reference_error"]["median"] + 1e-6
     for ours, baseline, ratio in (("eval", "eval_reference_core", "eval_ratio_reference_core"),
                                   ("train", "train_reference_core", "train_ratio_reference_core"),
                                   ("core", "core_reference", "core_ratio"),
