@@ -46,8 +46,8 @@ def _grid_sample_core_of(case):
 
 
 @pytest.mark.parametrize("index", range(3))
-def test_gather_and_grid_sample_agree_exactly_in_float64(index):
-    """The CPU gather core and the grid_sample core compute the same function: outputs and all three gradients
+def test_sparse_and_grid_sample_cores_agree_exactly_in_float64(index):
+    """The CPU sparse core and the grid_sample core compute the same function: outputs and all three gradients
     agree to 1e-10 in float64, with points on the map's edges, on integer pixel centres and off the map."""
     case = dict(_cases()[index])
     locations = case["sampling_locations"].clone()

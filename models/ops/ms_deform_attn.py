@@ -27,7 +27,8 @@ def multi_scale_deformable_attn(value: Tensor, spatial_shapes: Shapes, sampling_
     ms_deform_attn_core_pytorch: points outside the map read zeros (grid_sample, zero padding,
     align_corners=False). Half-precision inputs (autocast) are sampled and summed in float32, the output cast
     back to value's dtype: bilinear weights and the sum over levels and points in bfloat16 lose precision.
-    On CPU the sampling is one weighted gather (_GatherSampling); on CUDA, grid_sample's kernels.
+    On CPU the core is a sparse product (_SparseCore); on CUDA, grid_sample's kernels (the sparse path has
+    not been measured on a GPU).
     """
     if any(t.dtype in (torch.float16, torch.bfloat16) for t in (value, sampling_locations, attention_weights)):
         with torch.autocast(value.device.type, enabled=False):
@@ -35,7 +36,7 @@ def multi_scale_deformable_attn(value: Tensor, spatial_shapes: Shapes, sampling_
                                                attention_weights.float()).to(value.dtype)
     shapes = _as_list(spatial_shapes)
     if value.device.type == "cpu":
-        return _GatherSampling.apply(value, shapes, sampling_locations, attention_weights)
+        return _SparseCore.apply(value, shapes, sampling_locations, attention_weights)
     return _grid_sample_core(value, shapes, sampling_locations, attention_weights)
 
 
@@ -105,7 +106,7 @@ class _Corners:
         return y0 * top + y1 * bottom, along_x, along_y
 
 
-class _GatherSampling(torch.autograd.Function):
+class _SparseCore(torch.autograd.Function):
     """The core as a sparse matrix A (one row per query and head, one entry per sample corner, holding bilinear
     weight x attention weight) times the value table V: out = A V. The forward is one embedding_bag; the
     backward is two sparse products, dV = A^T dOut (A^T built by one sort of the corner rows) and
