@@ -169,6 +169,16 @@ def test_a_diverged_model_gets_no_ap_and_no_best_file(data, trained, tmp_path):
     assert not (tmp_path / "run" / "log.txt").exists() or "epoch" not in (tmp_path / "run" / "log.txt").read_text()
 
 
+def test_finite_predictions_with_a_non_finite_evaluation_loss_are_refused_too():
+    """A NaN test loss must never sit beside a good AP in log.txt: evaluation fails on it alone."""
+    from engine import NonFiniteOutputError, _check_finite
+    outputs = {"pred_logits": torch.zeros(2, 3, 5), "pred_boxes": torch.full((2, 3, 4), 0.5)}
+    targets = [{"image_id": torch.tensor(7)}, {"image_id": torch.tensor(9)}]
+    _check_finite(outputs, {"loss_ce": torch.tensor(1.0)}, targets)
+    with pytest.raises(NonFiniteOutputError, match=r"non-finite losses \(loss_bbox_1\)"):
+        _check_finite(outputs, {"loss_ce": torch.tensor(1.0), "loss_bbox_1": torch.tensor(float("nan"))}, targets)
+
+
 def test_a_second_ctrl_c_stops_at_once_without_a_traceback(data, tmp_path):
     proc = popen_main(data, tmp_path, options=["epochs=50"])
     wait_for_line(proc, "Epoch 0 [2/8]")

@@ -1,4 +1,5 @@
 """load_detector and tools/predict.py on a real (tiny) training checkpoint."""
+import argparse
 import json
 
 import numpy as np
@@ -9,6 +10,7 @@ from PIL import Image
 from runner import run_tool
 
 from models import load_detector
+from models.inference import _label_names
 
 
 
@@ -143,3 +145,11 @@ def test_bad_inputs_are_one_error_line(trained_run, val_images, tmp_path, case):
     assert proc.returncode == 2, proc.stdout
     assert expected in proc.stdout and "Traceback" not in proc.stdout
     assert not (tmp_path / "out" / "detections.json").exists()
+
+
+def test_a_checkpoint_without_categories_is_named_by_coco_ids_or_by_labels():
+    """Official zoo checkpoints record no categories: with 91 classes their labels are COCO category ids."""
+    names, ids = _label_names({}, argparse.Namespace(num_classes=91, contiguous_category_ids=False))
+    assert (names[1], names[18], names[90], ids) == ("person", "dog", "toothbrush", list(range(91)))
+    names, ids = _label_names({}, argparse.Namespace(num_classes=5, contiguous_category_ids=False))
+    assert names == ["0", "1", "2", "3", "4"] and ids == [0, 1, 2, 3, 4]

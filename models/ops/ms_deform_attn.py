@@ -27,17 +27,24 @@ def multi_scale_deformable_attn(value: Tensor, spatial_shapes: Shapes, sampling_
     ms_deform_attn_core_pytorch: points outside the map read zeros (grid_sample, zero padding,
     align_corners=False). Half-precision inputs (autocast) are sampled and summed in float32, the output cast
     back to value's dtype: bilinear weights and the sum over levels and points in bfloat16 lose precision.
-    On CPU the core is a sparse product (_SparseCore); on CUDA, grid_sample's kernels (the sparse path has
-    not been measured on a GPU).
+    On CPU the core is a sparse product (_SparseCore); on CUDA and under exporters and compilers, grid_sample's
+    kernels (the sparse path has not been measured on a GPU).
     """
     if any(t.dtype in (torch.float16, torch.bfloat16) for t in (value, sampling_locations, attention_weights)):
         with torch.autocast(value.device.type, enabled=False):
             return multi_scale_deformable_attn(value.float(), spatial_shapes, sampling_locations.float(),
                                                attention_weights.float()).to(value.dtype)
     shapes = _as_list(spatial_shapes)
-    if value.device.type == "cpu":
+    if value.device.type == "cpu" and not _tracing():
         return _SparseCore.apply(value, shapes, sampling_locations, attention_weights)
     return _grid_sample_core(value, shapes, sampling_locations, attention_weights)
+
+
+def _tracing() -> bool:
+    """Exporters and compilers get the grid_sample core: ONNX has GridSample, and the sparse core's autograd
+    Function keeps Python objects for its backward."""
+    return (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+            or torch.jit.is_tracing())
 
 
 def _grid_sample_core(value: Tensor, shapes: List[List[int]], sampling_locations: Tensor,
