@@ -81,7 +81,14 @@ def test_rerunning_an_interrupted_command_continues_it(data, pretrained, tmp_pat
     assert [e["epoch"] for e in read_log(out)] == [1, 2]
     assert_same_training(tmp_path / "uninterrupted", out)
 
-    # Another starting point on the same output_dir starts over, and says so.
+    # Another starting point on the same output_dir starts over, and says so: another --resume file,
+    other_file = tmp_path / "other.pth"
+    shutil.copy(pretrained, other_file)
+    switched = run_main(data, out, "--resume", str(other_file), *flags, options=["epochs=3"])
+    assert f"Starting over: the run in {out} {started}, but this command starts from {other_file}" in switched.stdout
+    assert [e["epoch"] for e in read_log(out)] == [1, 2]
+    started = started.replace(str(pretrained), str(other_file))
+    # or training from scratch.
     other = run_main(data, out, options=["epochs=1"])
     assert f"Starting over: the run in {out} {started}, but this command starts from scratch" in other.stdout
     assert [e["epoch"] for e in read_log(out)] == [0]
