@@ -70,6 +70,30 @@ def test_a_mid_epoch_checkpoint_continues_on_any_number_of_processes(tmp_path):
     assert sorted(trained[1] + tail) == list(range(1, 25)), (trained[1], tail)
 
 
+def test_rerunning_an_interrupted_torchrun_fine_tune_continues_it(tmp_path):
+    """The restart rule under torchrun: the same command with --resume, --finetune_ignore and --start_epoch,
+    rerun after a SIGTERM to every process, continues the run at the iteration it saved."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    run_main(data, tmp_path / "pretrained", options=["synthetic_num_train=24", "epochs=1"])
+    source = tmp_path / "pretrained" / "checkpoint.pth"
+    command = ["--resume", str(source), "--finetune_ignore", "class_embed", "--start_epoch", "1"]
+    first = _torchrun(data, out, *command)
+    wait_for_line(first, "Epoch 1 [2/6]")
+    os.killpg(first.pid, signal.SIGTERM)
+    first_out = first.communicate(timeout=240)[0]
+    assert "SIGTERM received during epoch 1" in first_out, first_out[-3000:]
+    rerun = _torchrun(data, out, *command)
+    rerun_out = rerun.communicate(timeout=300)[0]
+    assert rerun.returncode == 0, rerun_out[-3000:]
+    continuing = (f"Continuing the interrupted run in {out} (started from {source} with --finetune_ignore class_embed "
+                  "--start_epoch 1): epoch 1")
+    assert continuing in rerun_out, rerun_out[-3000:]
+    saved_at = re.search(r"SIGTERM received during epoch 1: saved \S+ at iteration (\d+)", first_out)
+    if saved_at:  # the signal landed in training, not (on a very busy machine) in the evaluation after it
+        assert f"{continuing}, iteration {saved_at.group(1)} of 6" in rerun_out, rerun_out[-3000:]
+    assert [e["epoch"] for e in read_log(out)] == [1, 2]
+
+
 def test_a_rank_whose_batch_has_no_boxes_neither_hangs_nor_crashes(tmp_path):
     """Half the images lose their boxes; with seed 42 some step gives one rank only empty images."""
     data = tmp_path / "data"
