@@ -108,13 +108,15 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
                     iteration_scheduler=None, start_iter: int = 0, steps: Optional[int] = None,
                     meters: Optional[Meters] = None, after_iteration: Optional[Callable[[int, Meters, list], None]] = None,
                     max_iters: Optional[int] = None, log_progress: bool = False,
-                    accumulate_steps: int = 1) -> Dict[str, float]:
+                    accumulate_steps: int = 1, short_last_step: bool = False) -> Dict[str, float]:
     """Trains from iteration `start_iter` (the loader must already skip the done batches) to the epoch's end.
 
     An iteration is one optimizer step over a window of `accumulate_steps` batches of the loader; an epoch's
     last incomplete window is skipped. `steps`: how many windows the loader yields (default: the rest of the
-    epoch). `after_iteration(iterations_done, meters, targets)` runs after every optimizer step: the checkpoint
-    hooks live there, so a window is never saved half done (a resumed run replays it).
+    epoch). `short_last_step`: the last of them holds fewer images than the others, unevenly spread over the
+    processes (an epoch continued on another layout, datasets/sampler.py). `after_iteration(iterations_done,
+    meters, targets)` runs after every optimizer step: the checkpoint hooks live there, so a window is never
+    saved half done (a resumed run replays it).
     """
     model.train()
     criterion.train()
@@ -132,17 +134,19 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
         window = [(samples.to(device, non_blocking=True),
                    [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets])
                   for samples, targets in window]
+        uneven = short_last_step and steps is not None and it == start_iter + steps - 1
         optimizer.zero_grad(set_to_none=True)
         while True:
-            losses = _accumulate_gradients(model, criterion, window, pieces, device, amp_dtype, scaler)
+            losses = _accumulate_gradients(model, criterion, window, pieces, device, amp_dtype, scaler, uneven)
             if losses is not None:
                 break
             optimizer.zero_grad(set_to_none=True)  # a failed attempt's partial gradients must not reach the step
             _forget_failed_attempt(model)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            pieces = _fewer_images_per_micro_batch(pieces, len(window[0][1]), len(window), epoch, it)
-        loss_value, weighted = _reduced_weighted_losses(criterion, losses, epoch, it)
+            batch = max(dist_utils.all_gather_object(len(window[0][1])))  # the same split on every process
+            pieces = _fewer_images_per_micro_batch(pieces, batch, len(window), epoch, it)
+        loss_value, weighted = _reduced_weighted_losses(criterion, losses, epoch, it, device, uneven)
         if scaler is not None:
             scaler.unscale_(optimizer)
         if max_norm > 0:
@@ -152,8 +156,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
             scaler.update()
         else:
             optimizer.step()
-        if iteration_scheduler is not None:
-            iteration_scheduler.step()
+        if iteration_scheduler is not None and not uneven:  # a short step is part of a step: the schedule's
+            iteration_scheduler.step()                        # length stays the run's iterations per epoch
         if ema is not None:
             ema.update_parameters(model)
 
@@ -187,25 +191,31 @@ def _micro_batches(samples: NestedTensor, targets: list, pieces: int):
     return [(NestedTensor(samples.tensors[a:b], samples.mask[a:b]), targets[a:b]) for a, b in zip(edges, edges[1:])]
 
 
-def _accumulate_gradients(model, criterion, window, pieces: int, device, amp_dtype,
-                          scaler) -> Optional[Dict[str, Tensor]]:
+def _accumulate_gradients(model, criterion, window, pieces: int, device, amp_dtype, scaler,
+                          uneven: bool = False) -> Optional[Dict[str, Tensor]]:
     """Forward and backward of every batch of the window, each in `pieces` micro-batches, normalised by the
     window's box count, so the gradients sum to those of one batch of all its images. Returns the summed
     (unreduced) loss terms, or None when any process ran out of memory (processes agree after each forward
-    and backward, so all retry together; under DDP only the last backward synchronises gradients)."""
+    and backward, so all retry together; under DDP only the last backward synchronises gradients).
+
+    `uneven`: processes hold different numbers of images, some none (an empty micro-batch computes nothing).
+    DDP, which needs a forward and backward on every process, is bypassed; the gradients are averaged after."""
     num_boxes = criterion.average_num_boxes([t for _, targets in window for t in targets], device)
     micro_batches = [part for samples, targets in window for part in _micro_batches(samples, targets, pieces)]
+    ddp = isinstance(model, DistributedDataParallel)
+    net = model.module if ddp and uneven else model
     totals = {}
     for i, (samples, targets) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
-        sync = contextlib.nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
+        sync = model.no_sync() if ddp and not last and not uneven else contextlib.nullcontext()
         with sync:
+            failed = False
             try:
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    outputs = model(samples, targets)
-                    loss_dict = criterion(outputs, targets, num_boxes=num_boxes)
-                    loss = criterion.total_loss(loss_dict)
-                failed = False
+                if targets:
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        outputs = net(samples, targets)
+                        loss_dict = criterion(outputs, targets, num_boxes=num_boxes)
+                        loss = criterion.total_loss(loss_dict)
             except RuntimeError as e:
                 if not is_out_of_memory(e):
                     raise
@@ -213,15 +223,19 @@ def _accumulate_gradients(model, criterion, window, pieces: int, device, amp_dty
             if dist_utils.any_rank(failed):
                 return None
             try:
-                (loss if scaler is None else scaler.scale(loss)).backward()
+                if targets:
+                    (loss if scaler is None else scaler.scale(loss)).backward()
             except RuntimeError as e:
                 if not is_out_of_memory(e):
                     raise
                 failed = True
             if dist_utils.any_rank(failed):
                 return None
-        totals = {k: totals[k] + v.detach() if k in totals else v.detach() for k, v in loss_dict.items()}
-        del outputs, loss_dict, loss
+        if targets:
+            totals = {k: totals[k] + v.detach() if k in totals else v.detach() for k, v in loss_dict.items()}
+            del outputs, loss_dict, loss
+    if ddp and uneven:
+        dist_utils.average_gradients(model.parameters())
     return totals
 
 
@@ -249,9 +263,12 @@ def _fewer_images_per_micro_batch(pieces: int, batch: int, accumulated: int, epo
     return pieces
 
 
-def _reduced_weighted_losses(criterion, losses: Dict[str, Tensor], epoch: int, it: int):
+def _reduced_weighted_losses(criterion, losses: Dict[str, Tensor], epoch: int, it: int, device, uneven: bool = False):
     """(total, weighted terms) of the window, averaged over processes; a non-finite total stops training on
-    every process before the optimizer step."""
+    every process before the optimizer step. `uneven`: a process without images has no terms; it adds zeros."""
+    if uneven:
+        names = sorted(set().union(*dist_utils.all_gather_object(sorted(losses))))
+        losses = {k: losses.get(k, torch.zeros((), device=device)) for k in names}
     reduced = dist_utils.reduce_dict(losses)
     weighted = {k: v * criterion.weight_dict[k] for k, v in reduced.items() if k in criterion.weight_dict}
     loss_value = float(sum(weighted.values()))

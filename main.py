@@ -138,7 +138,7 @@ def _loader(dataset, args, train: bool):
     global RNG that training uses, or a resumed run would diverge. Augmentation is seeded per (epoch, index)."""
     world_size, rank = dist_utils.get_world_size(), dist_utils.get_rank()
     if train:
-        sampler = GlobalBatchSampler(len(dataset), args.batch_size, args.seed, world_size, rank)
+        sampler = GlobalBatchSampler(len(dataset), args.batch_size, args.seed, world_size, rank, args.accumulate_steps)
     else:
         sampler = BatchSampler(ShardedSampler(len(dataset), world_size, rank), args.batch_size, drop_last=False)
     loader = interrupt.StopSafeDataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn,
@@ -411,22 +411,24 @@ def main(args) -> int:
         evaluate_and_record(**position.pending)
     logger.info("Start training: epochs %d..%d, %d iterations per epoch", position.epoch, args.epochs - 1, iterations)
     started = time.time()
-    samples_done = position.samples_done  # global samples of position.epoch already trained on
+    # Global samples of position.epoch already trained on, and the number that epoch trains.
+    samples_done, epoch_samples = position.samples_done, position.epoch_samples
     sample_record = _sample_record(args)
     for epoch in range(position.epoch, args.epochs):
         if _early_stop(args, best, epoch - 1):
             break
         epoch_started = time.time()
         train_sampler.set_epoch(epoch)
-        train_sampler.set_start(samples_done)
-        window = train_sampler.global_batch * args.accumulate_steps  # global samples per optimizer step
+        train_sampler.set_start(samples_done, epoch_samples)
+        epoch_samples, window = train_sampler.epoch_samples, train_sampler.step_samples
         start_iter = samples_done // window
         meters = Meters(position.meters if samples_done else None)
         # The last completed step: what a periodic save, a stop signal or a failed step records.
-        last = dict(iteration=start_iter, samples_done=samples_done, meters=meters.state(), rng_state=None)
+        last = dict(iteration=start_iter, samples_done=samples_done, epoch_samples=epoch_samples,
+                    meters=meters.state(), rng_state=None)
 
         def after_iteration(it, meters, targets, epoch=epoch, first=samples_done, start_iter=start_iter):
-            last.update(iteration=it, samples_done=first + (it - start_iter) * window,
+            last.update(iteration=it, samples_done=min(first + (it - start_iter) * window, last["epoch_samples"]),
                         meters=meters.state(), rng_state=capture_rng_state())
             losses.add(meters.last["loss"])
             if sample_record is not None:
@@ -442,14 +444,14 @@ def main(args) -> int:
             train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, max_norm=args.clip_max_norm,
                             scaler=scaler, amp_dtype=amp_dtype, ema=ema,
                             iteration_scheduler=state.scheduler if per_iteration else None, start_iter=start_iter,
-                            steps=train_sampler.steps_left() // args.accumulate_steps, meters=meters,
-                            after_iteration=after_iteration, max_iters=max_iters, log_progress=args.save_log,
-                            accumulate_steps=args.accumulate_steps)
+                            steps=train_sampler.steps_left(), meters=meters, after_iteration=after_iteration,
+                            max_iters=max_iters, log_progress=args.save_log, accumulate_steps=args.accumulate_steps,
+                            short_last_step=train_sampler.ends_short())
         except Exception as e:
             if not isinstance(e, (FloatingPointError, ckpt.CheckpointWriteError, interrupt.TrainingInterrupted)):
                 _save_before_failure(args, state, epoch, last, best, losses)
             raise
-        samples_done = 0
+        samples_done, epoch_samples = 0, None
         if not per_iteration:
             state.scheduler.step()
         train_time = time.time() - epoch_started

@@ -388,6 +388,43 @@ def test_the_epoch_continues_from_a_global_sample_on_any_number_of_processes():
     assert len(list(alone)) == 4 and len(list(alone)) == 6  # the start applies to one pass only
 
 
+@pytest.mark.parametrize("last_layout", [(2, 1, 2), (4, 1, 1)], ids=["2x1x2", "4x1x1"])
+def test_an_epoch_continued_on_other_layouts_trains_each_of_its_samples_once(last_layout):
+    """An epoch of 23 begun on 2 processes x batch 2 trains 20 (as drop_last); continued on 1 x 3, then on the
+    last layout (processes x batch x accumulate_steps), whose rest of 7 ends in a shorter step dealt among the
+    ranks (one of them gets an empty batch): each of the 20 is trained once, the other 3 never."""
+    order = epoch_order(23, seed=5, epoch=1)
+
+    def run(layout, start, epoch_samples, steps=None):
+        """The samples of `steps` optimizer steps (default: the rest of the epoch), each rank's batches, and
+        the samples done after them."""
+        world, batch, accumulate = layout
+        ranks = [GlobalBatchSampler(23, batch, 5, world, rank, accumulate) for rank in range(world)]
+        for sampler in ranks:
+            sampler.set_epoch(1)
+            sampler.set_start(start, epoch_samples)
+        steps_left, end = ranks[0].steps_left(), ranks[0].epoch_samples
+        batches = [list(sampler) for sampler in ranks]
+        assert [len(b) for b in batches] == [steps_left * accumulate] * world
+        steps = steps_left if steps is None else steps
+        taken = [i for b in batches for batch in b[:steps * accumulate] for _, i in batch]
+        return taken, batches, min(start + steps * world * batch * accumulate, end)
+
+    first = GlobalBatchSampler(23, 2, 5, 2)
+    assert first.epoch_samples == 20 and not first.ends_short()
+    seen, _, done = run((2, 2, 1), 0, None, steps=1)
+    more, _, done = run((1, 3, 1), done, 20, steps=3)
+    assert done == 13
+    rest, batches, done = run(last_layout, done, 20)
+    assert done == 20
+    assert any(batch == [] for b in batches for batch in b)  # a rank with nothing in the shorter step
+    assert sorted(seen + more + rest) == sorted(order[:20])
+    assert len(seen + more + rest) == 20
+    tail = GlobalBatchSampler(23, 1, 5, last_layout[0], 0, last_layout[2])
+    tail.set_start(13, 20)
+    assert tail.steps_left() == 2 and tail.ends_short()
+
+
 def test_evaluation_shards_cover_every_sample():
     shards = [[i for _, i in ShardedSampler(5, num_replicas=2, rank=r)] for r in range(2)]
     assert shards == [[0, 2, 4], [1, 3, 0]]

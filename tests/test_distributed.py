@@ -7,9 +7,10 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
-from datasets.sampler import GlobalBatchSampler, epoch_order
+from datasets.sampler import GlobalBatchSampler
 from datasets.synthetic import ensure_synthetic_coco
 from runner import ROOT, TINY_OPTIONS, popen_main, read_log, run_main, wait_for_line
 
@@ -23,9 +24,9 @@ def _torchrun(data, out, *extra):
 
 
 def test_a_mid_epoch_checkpoint_continues_on_any_number_of_processes(tmp_path):
-    """2 processes stopped mid-epoch, continued on 1 and stopped mid-epoch again, then on 2 to the end: by the
-    record of the image ids each process trained on, no image of an epoch is trained twice, and the only ones
-    left out are the tail of the epoch's order that no longer fills a global batch of the last layout."""
+    """2 processes x batch 2 stopped mid-epoch, continued on 1 x batch 1 and stopped mid-epoch again, then on
+    2 x 2 to the end (whose last step may hold fewer than 4 images, one process even none): by the record of
+    the image ids each process trained on, every image of every epoch is trained exactly once."""
     data, out = tmp_path / "data", tmp_path / "out"
     record = ["--options", "record_sample_ids=True"]
     first = _torchrun(data, out, *record)
@@ -37,24 +38,28 @@ def test_a_mid_epoch_checkpoint_continues_on_any_number_of_processes(tmp_path):
     assert saved["epoch"] == 0 and saved["iteration"] > 0 and len(saved["rng"]) == 2, first_out[-3000:]
     assert saved["data_order"]["samples_done"] == 4 * saved["iteration"]
 
-    alone = popen_main(data, out, options=["synthetic_num_train=24", "epochs=3", "record_sample_ids=True"])
+    alone = popen_main(data, out, options=["synthetic_num_train=24", "epochs=3", "record_sample_ids=True",
+                                           "batch_size=1"])
     text = wait_for_line(alone, "Epoch 1 [")
     alone.send_signal(signal.SIGTERM)
     text += alone.communicate(timeout=120)[0]
     assert alone.returncode == 3, text[-3000:]
     done = saved["data_order"]["samples_done"]
-    assert f"iteration {done // 2} of 12" in text, text[-3000:]
-    assert ("written by 2 process(es) x batch 2 x accumulate_steps 1, now 1 x 2 x 1: epoch 1 continues from sample "
-            f"{done} of its order") in text, text[-3000:]
+    assert f"iteration {done} of 24" in text, text[-3000:]
+    assert ("written by 2 process(es) x batch 2 x accumulate_steps 1, now 1 x 1 x 1: epoch 1 continues from sample "
+            f"{done} of its order, split among the processes now running; the global batch changed from 4 to 1"
+            ) in text, text[-3000:]
     inspected = subprocess.run([sys.executable, "tools/inspect_checkpoint.py", str(out / "checkpoint.pth")],
                                cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True).stdout
-    assert re.search(r"epoch 1: \d+ of 24 images done, by 1 process\(es\) x batch 2", inspected), inspected
+    assert re.search(r"epoch 1: \d+ of 24 images done, by 1 process\(es\) x batch 1", inspected), inspected
 
     before_last = torch.load(out / "checkpoint.pth", weights_only=True)
     last = _torchrun(data, out, *record)
     last_out = last.communicate(timeout=300)[0]
     assert last.returncode == 0, last_out[-4000:]
     assert "now 2 x 2" in last_out and "Continuing the interrupted run" in last_out
+    rest = (24 - before_last["data_order"]["samples_done"]) % 4 if before_last["epoch"] == 0 else 0
+    assert (f"the epoch's last step trains its last {rest} image(s)" in last_out) == (rest > 0), last_out[-3000:]
     assert [e["epoch"] for e in read_log(out)] == [0, 1, 2]  # one line per epoch, written by rank 0 only
     info = (out / "info.txt").read_text()
     assert info.count("command:") == 3 and "world size: 2" in info
@@ -64,10 +69,8 @@ def test_a_mid_epoch_checkpoint_continues_on_any_number_of_processes(tmp_path):
             epoch, *ids = map(int, line.split())
             trained.setdefault(epoch, []).extend(ids)
     assert sorted(trained) == [0, 1, 2]
-    assert sorted(trained[0]) == sorted(trained[2]) == list(range(1, 25)), trained
-    start = before_last["data_order"]["samples_done"] if before_last["epoch"] == 0 else 24
-    tail = [i + 1 for i in epoch_order(24, 42, 1)[start + (24 - start) // 4 * 4:]]  # fewer than 4 images
-    assert sorted(trained[1] + tail) == list(range(1, 25)), (trained[1], tail)
+    for epoch in range(3):
+        assert sorted(trained[epoch]) == list(range(1, 25)), (epoch, trained[epoch])
 
 
 def test_rerunning_an_interrupted_torchrun_fine_tune_continues_it(tmp_path):
@@ -92,6 +95,63 @@ def test_rerunning_an_interrupted_torchrun_fine_tune_continues_it(tmp_path):
     if saved_at:  # the signal landed in training, not (on a very busy machine) in the evaluation after it
         assert f"{continuing}, iteration {saved_at.group(1)} of 6" in rerun_out, rerun_out[-3000:]
     assert [e["epoch"] for e in read_log(out)] == [1, 2]
+
+
+# One optimizer step (SGD, lr 1: the parameters move by minus the gradient) over the batches LAYOUT[rank] of
+# three fixed images, on as many processes as LAYOUT has ranks; with several, as an epoch's shorter last step.
+UNEVEN_STEP = """
+import os, sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import torch
+from engine import train_one_epoch
+from models import build_model
+from tiny import tiny_args
+from util.misc import collate_fn
+
+world = int(os.environ.get("WORLD_SIZE", "1"))
+if world > 1:
+    torch.distributed.init_process_group("gloo")
+rank = int(os.environ.get("RANK", "0"))
+torch.manual_seed(0)
+model, criterion, _ = build_model(tiny_args(use_dn=False))
+generator = torch.Generator().manual_seed(1)
+samples = [(torch.randn(3, 64, 40 + 8 * i, generator=generator),
+            {{"labels": torch.tensor([i + 1, 4]), "image_id": torch.tensor(i),
+              "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.2 + 0.1 * i], [0.3, 0.6, 0.2, 0.2]])}}) for i in range(3)]
+batches = [collate_fn([samples[i] for i in batch]) for batch in {layout}[rank]]
+before = {{f"before {{k}}": v.detach().clone() for k, v in model.named_parameters()}}
+net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+stats = train_one_epoch(net, criterion, batches, torch.optim.SGD(model.parameters(), lr=1.0), "cpu", 0, steps=1,
+                        accumulate_steps=len(batches), short_last_step=world > 1)
+if rank == 0:
+    torch.save({{"loss": stats["loss"], **before, **dict(model.named_parameters())}}, {out!r})
+"""
+
+
+def _uneven_step(tmp_path, name, layout):
+    script, out = tmp_path / f"{name}.py", tmp_path / f"{name}.pt"
+    script.write_text(UNEVEN_STEP.format(root=str(ROOT), tests=str(ROOT / "tests"), layout=layout, out=str(out)))
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(layout)}"] if len(layout) > 1 else []
+    proc = subprocess.run([sys.executable, *launch, str(script)], cwd=tmp_path, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    return torch.load(out, weights_only=True)
+
+
+@pytest.mark.parametrize("ranks, alone", [([[[0, 1]], [[2]]], [[[0, 1], [2]]]),
+                                          ([[[0]], [[]]], [[[0]]]),
+                                          ([[[0], [1]], [[2], []]], [[[0], [1], [2]]])],
+                         ids=["2+1 images", "1+0 images", "accumulated 2+1 images"])
+def test_a_shorter_last_step_spread_unevenly_trains_like_one_process(tmp_path, ranks, alone):
+    """The step that ends an epoch continued on another layout: 2 processes hold different numbers of images,
+    or one holds none (an empty batch). Its update and loss equal one process's step over the same batches."""
+    uneven, reference = _uneven_step(tmp_path, "uneven", ranks), _uneven_step(tmp_path, "alone", alone)
+    assert uneven["loss"] == pytest.approx(reference["loss"], rel=1e-6)
+    names = [k for k in reference if k != "loss" and not k.startswith("before ")]
+    moved = [k for k in names if not torch.equal(reference[k], reference[f"before {k}"])]
+    assert len(moved) > 0.9 * len(names)  # the step has gradients to compare
+    for name in names:
+        torch.testing.assert_close(uneven[name], reference[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_a_rank_whose_batch_has_no_boxes_neither_hangs_nor_crashes(tmp_path):

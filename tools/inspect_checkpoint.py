@@ -24,7 +24,10 @@ def describe(checkpoint: dict) -> list:
     where = "no training state (weights only)" if epoch is None else (
         f"epoch {epoch} completed" if not iteration else f"epoch {epoch + 1}, {iteration} iterations done")
     if iteration and "num_samples" in order:
-        where += (f" (epoch {epoch + 1}: {order['samples_done']} of {order['num_samples']} images done, by "
+        trains = order.get("epoch_samples") or order["num_samples"]
+        left_out = f", the last {order['num_samples'] - trains} wait for the next epoch's order" \
+            if trains < order["num_samples"] else ""
+        where += (f" (epoch {epoch + 1}: {order['samples_done']} of {order['num_samples']} images done{left_out}, by "
                   f"{order['world_size']} process(es) x batch {order['batch_size']})")
     if checkpoint.get("eval_pending"):
         where += f"; epoch {epoch} is trained but not yet evaluated"

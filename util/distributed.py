@@ -53,6 +53,19 @@ def all_gather_object(obj) -> list:
     return gathered
 
 
+def average_gradients(parameters) -> None:
+    """What DDP does after a backward, for a step it did not take part in: every trainable parameter's
+    gradient averaged over ranks (a rank that computed none adds zeros)."""
+    params = [p for p in parameters if p.requires_grad]
+    world_size = get_world_size()
+    if world_size < 2 or not params:
+        return
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads])) / world_size
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p)
+
+
 def reduce_dict(values: dict, average: bool = True) -> dict:
     """Sum (or average) a dict of scalar tensors over ranks, in a fixed key order."""
     world_size = get_world_size()

@@ -38,7 +38,10 @@ def nested_tensor_from_tensor_list(tensor_list: List[Tensor]) -> NestedTensor:
 
 
 def collate_fn(batch):
-    """Collate (image, target) pairs into (NestedTensor, tuple of targets)."""
+    """Collate (image, target) pairs into (NestedTensor, tuple of targets). An empty batch (a rank's share of
+    an epoch's shortened last step, datasets/sampler.py) is an empty NestedTensor and no targets."""
+    if not batch:
+        return NestedTensor(torch.zeros(0, 3, 0, 0), torch.zeros(0, 0, 0, dtype=torch.bool)), ()
     images, targets = zip(*batch)
     return nested_tensor_from_tensor_list(list(images)), targets
 

@@ -138,6 +138,7 @@ class Position:
     epoch: int = 0
     iteration: int = 0
     samples_done: int = 0
+    epoch_samples: Optional[int] = None  # the samples that epoch trains (None: the whole steps of this layout)
     best: dict = field(default_factory=dict)
     meters: dict = field(default_factory=dict)
     scheduler_steps: int = 0
@@ -293,13 +294,16 @@ def _restore_data_position(checkpoint: dict, position: Position, state: "TrainSt
     args, order = state.args, checkpoint.get("data_order") or {}
     world_size = dist_utils.get_world_size()
     note = None
+    saved = (order.get("world_size", 1), order.get("batch_size", args.batch_size), order.get("accumulate_steps", 1))
     if order.get("scheme") == "global-batch":
         position.samples_done = order["samples_done"]
+        if position.samples_done:  # the epoch trains what its first layout's whole steps hold
+            step = math.prod(saved)
+            position.epoch_samples = order.get("epoch_samples") or state.num_samples // step * step
     elif position.iteration:
         note = f"the checkpoint stopped mid-epoch in an older data order: epoch {position.epoch} restarts"
         position.meters = {}
     layout = (world_size, args.batch_size, args.accumulate_steps)
-    saved = (order.get("world_size", 1), order.get("batch_size", args.batch_size), order.get("accumulate_steps", 1))
     if saved != layout:
         note = (f"the checkpoint was written by {saved[0]} process(es) x batch {saved[1]} x accumulate_steps {saved[2]},"
                 f" now {layout[0]} x {layout[1]} x {layout[2]}: " +
@@ -308,6 +312,10 @@ def _restore_data_position(checkpoint: dict, position: Position, state: "TrainSt
                 ("the global batch is kept" if math.prod(saved) == math.prod(layout) else
                  f"the global batch changed from {math.prod(saved)} to {math.prod(layout)} (set batch_size or "
                  "accumulate_steps to keep it)"))
+        rest = (position.epoch_samples or 0) - position.samples_done
+        if rest % math.prod(layout):
+            note += (f"; the epoch's last step trains its last {rest % math.prod(layout)} image(s), fewer than "
+                     "a global batch, so that every image of the epoch is trained once")
     position.iteration = position.samples_done // math.prod(layout)
     return note
 
@@ -352,7 +360,7 @@ class TrainState:
 
     def save(self, names, *, epoch: int, iteration: int, samples_done: int, best: dict, meters: dict,
              recent_losses: list = (), eval_pending: bool = False, epoch_time: float = 0.0, wait: bool = False,
-             rng_state: Optional[dict] = None) -> None:
+             rng_state: Optional[dict] = None, epoch_samples: Optional[int] = None) -> None:
         """Every rank contributes its RNG state (now's, or rng_state, captured at the step being saved); rank 0
         writes. A failed write (this one with wait=True, else the previous one) makes every rank raise together,
         so none waits for a partner that stopped."""
@@ -363,7 +371,8 @@ class TrainState:
                 self.writer.wait()
                 state = snapshot(training_state(
                     self.model, self.optimizer, self.scheduler, self.scaler, self.ema, epoch=epoch,
-                    iteration=iteration, samples_done=samples_done, num_samples=self.num_samples,
+                    iteration=iteration, samples_done=samples_done, epoch_samples=epoch_samples,
+                    num_samples=self.num_samples,
                     iterations=self.iterations, args=self.args, best=best, meters=meters, rng_states=rng,
                     facts=self.facts, eval_pending=eval_pending, epoch_time=epoch_time,
                     recent_losses=recent_losses))
