@@ -317,6 +317,9 @@ def main(args) -> int:
     if args.eval:
         return _evaluate_only(args, model, criterion, postprocessors, val_loader, base_ds, label_map, device,
                               amp_dtype)
+    start = resume.choose_start(args)
+    requested_accumulate_steps = args.accumulate_steps
+    resume.keep_global_batch(start, args)  # before the loader, whose batches it may group differently
     train_sampler, train_loader = _loader(dataset_train, args, train=True)
     iterations = optimizer_steps_per_epoch(len(train_loader), args.accumulate_steps)  # counts optimizer steps
     max_iters = 10 if args.debug else None
@@ -329,8 +332,8 @@ def main(args) -> int:
 
     facts = {"origin": resume.run_origin(args), "categories": dataset_train.categories(), "environment": run_record,
              "datasets": {"train": dataset_train.fingerprint(), "val": dataset_val.fingerprint()}}
-    state = resume.TrainState(model, optimizer, scaler, ema, args, iterations, len(dataset_train), facts)
-    start = resume.choose_start(args)
+    state = resume.TrainState(model, optimizer, scaler, ema, args, iterations, len(dataset_train), facts,
+                              requested_accumulate_steps=requested_accumulate_steps)
     if start.kind == "scratch":
         _initial_backbone(model, args)
     position = resume.restore(start, state)

@@ -15,10 +15,11 @@ from datasets.synthetic import ensure_synthetic_coco
 from runner import ROOT, TINY_OPTIONS, popen_main, read_log, run_main, wait_for_line
 
 
-def _torchrun(data, out, *extra):
+def _torchrun(data, out, *extra, options=()):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "main.py"), "-c", "config/DINO/DINO_demo.py", "--coco_path", str(data), "--output_dir",
-           str(out), "--num_workers", "0", "--save_log", *extra, "--options", *TINY_OPTIONS, "synthetic_num_train=24", "epochs=3"]
+           str(out), "--num_workers", "0", "--save_log", *extra, "--options", *TINY_OPTIONS, "synthetic_num_train=24",
+           "epochs=3", *options]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
 
@@ -39,7 +40,7 @@ def test_a_mid_epoch_checkpoint_continues_on_any_number_of_processes(tmp_path):
     assert saved["data_order"]["samples_done"] == 4 * saved["iteration"]
 
     alone = popen_main(data, out, options=["synthetic_num_train=24", "epochs=3", "record_sample_ids=True",
-                                           "batch_size=1"])
+                                           "batch_size=1", "keep_global_batch=False"])
     text = wait_for_line(alone, "Epoch 1 [")
     alone.send_signal(signal.SIGTERM)
     text += alone.communicate(timeout=120)[0]
@@ -71,6 +72,35 @@ def test_a_mid_epoch_checkpoint_continues_on_any_number_of_processes(tmp_path):
     assert sorted(trained) == [0, 1, 2]
     for epoch in range(3):
         assert sorted(trained[epoch]) == list(range(1, 25)), (epoch, trained[epoch])
+
+
+def test_continuing_on_more_processes_keeps_the_global_batch_by_accumulation(tmp_path):
+    """1 process x batch 4 stopped mid-epoch, continued by torchrun on 2 processes x batch 1: keep_global_batch
+    accumulates 2 batches per step, so the global batch stays 4 and the epoch goes on at the same step."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    options = ["synthetic_num_train=24", "epochs=3", "record_sample_ids=True"]
+    alone = popen_main(data, out, options=options + ["batch_size=4"])
+    text = wait_for_line(alone, "Epoch 0 [")
+    alone.send_signal(signal.SIGTERM)
+    text += alone.communicate(timeout=120)[0]
+    assert alone.returncode == 3, text[-3000:]
+    done = torch.load(out / "checkpoint.pth", weights_only=True)["data_order"]["samples_done"]
+    assert 0 < done < 24 and done % 4 == 0, text[-3000:]
+    both = _torchrun(data, out, options=["record_sample_ids=True", "batch_size=1"])
+    both_out = both.communicate(timeout=300)[0]
+    assert both.returncode == 0, both_out[-4000:]
+    assert ("written by 1 process(es) x batch 4 x accumulate_steps 1, now 2 x 1 x 2: epoch 0 continues from sample "
+            f"{done} of its order, split among the processes now running; the global batch 4 is kept by "
+            "accumulate_steps 2 (keep_global_batch)") in both_out, both_out[-3000:]
+    assert f"epoch 0, iteration {done // 4} of 6" in both_out, both_out[-3000:]
+    saved = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert saved["args"]["accumulate_steps"] == 2 and saved["data_order"]["requested_accumulate_steps"] == 1
+    trained = {}
+    for rank_file in (out / "sample_ids").glob("rank*.txt"):
+        for line in rank_file.read_text().splitlines():
+            epoch, *ids = map(int, line.split())
+            trained.setdefault(epoch, []).extend(ids)
+    assert sorted(trained) == [0, 1, 2] and all(sorted(ids) == list(range(1, 25)) for ids in trained.values())
 
 
 def test_rerunning_an_interrupted_torchrun_fine_tune_continues_it(tmp_path):

@@ -251,12 +251,13 @@ def plain_args(args) -> dict:
 def training_state(model, optimizer, lr_scheduler, scaler, ema, *, epoch: int, iteration: int, samples_done: int,
                    num_samples: int, iterations: int, args, best: dict, meters: dict, rng_states: list, facts: dict,
                    eval_pending: bool = False, epoch_time: float = 0.0, recent_losses: list = (),
-                   epoch_samples: Optional[int] = None) -> dict:
+                   epoch_samples: Optional[int] = None, requested_accumulate_steps: Optional[int] = None) -> dict:
     """Everything needed to continue exactly. `epoch` is the last completed epoch (DINO's convention),
     `iteration` the steps already done in epoch + 1 and `samples_done` the global samples they took from the
     epoch's order (both 0 at an epoch boundary), of the `epoch_samples` that epoch trains (set mid-epoch).
     `eval_pending`: epoch `epoch` is trained but not yet evaluated; `meters` then holds its loss sums and
-    `epoch_time` its training time. `facts` are the run's fixed records: 'origin' (its starting point,
+    `epoch_time` its training time; `requested_accumulate_steps` the command's, which keep_global_batch
+    (util/resume.py) may have changed. `facts` are the run's fixed records: 'origin' (its starting point,
     util/resume.py), 'categories' (the training set's [{'id', 'name'}], so a checkpoint alone can name what it
     detects), 'environment' (util/environment.py) and 'datasets' (each split's fingerprint)."""
     state = {
@@ -271,7 +272,8 @@ def training_state(model, optimizer, lr_scheduler, scaler, ema, *, epoch: int, i
         'data_order': {'scheme': 'global-batch', 'seed': args.seed, 'world_size': getattr(args, 'world_size', 1),
                        'batch_size': args.batch_size, 'accumulate_steps': getattr(args, 'accumulate_steps', 1),
                        'samples_done': samples_done, 'num_samples': num_samples,
-                       'epoch_samples': epoch_samples},
+                       'epoch_samples': epoch_samples,
+                       'requested_accumulate_steps': requested_accumulate_steps or getattr(args, 'accumulate_steps', 1)},
         'args': plain_args(args),
         **facts,
         'best': dict(best),

@@ -81,6 +81,7 @@ class Start:
     kind: str
     path: str = ""
     checkpoint: dict = field(default_factory=dict)
+    kept_global_batch: bool = False  # keep_global_batch changed accumulate_steps
 
 
 def choose_start(args) -> Start:
@@ -103,6 +104,24 @@ def choose_start(args) -> Start:
     if args.pretrain_model_path:
         return Start("weights", args.pretrain_model_path, load_checkpoint(args.pretrain_model_path))
     return Start("scratch")
+
+
+def keep_global_batch(start: Start, args) -> None:
+    """Continuing on another number of processes keeps the checkpoint's global batch (processes x batch_size x
+    accumulate_steps) by changing accumulate_steps, when it divides evenly and the command asks for the
+    accumulation the run was started with (`requested_accumulate_steps`); batch_size, which sets the memory
+    a process needs, stays as configured. Call before the loaders are built."""
+    order = start.checkpoint.get("data_order") or {}
+    if start.kind not in ("continue", "resume") or not args.keep_global_batch or "world_size" not in order:
+        return
+    saved_steps = order.get("accumulate_steps", 1)
+    if args.accumulate_steps != order.get("requested_accumulate_steps", saved_steps):
+        return  # the command asks for another accumulation: that is its choice
+    saved = order["world_size"] * order["batch_size"] * saved_steps
+    per_window = dist_utils.get_world_size() * args.batch_size
+    if saved % per_window == 0 and saved // per_window != args.accumulate_steps:
+        args.accumulate_steps = saved // per_window
+        start.kept_global_batch = True
 
 
 def _newest_intact_checkpoint(output_dir: str):
@@ -206,7 +225,7 @@ def _restore_full(start: Start, state: "TrainState") -> Position:
             state.ema.load_state_dict(checkpoint["ema_model"])
         else:
             logger.warning("the checkpoint has no EMA weights: the EMA restarts from the current model")
-    layout_note = _restore_data_position(checkpoint, position, state)
+    layout_note = _restore_data_position(checkpoint, position, state, start.kept_global_batch)
     if start.kind == "continue":
         origin = describe_origin(checkpoint.get("origin", SCRATCH))
         how = f"Continuing the interrupted run in {args.output_dir} ({origin})"
@@ -287,7 +306,8 @@ def _apply_configured_lrs(optimizer, args) -> None:
         group["weight_decay"] = args.weight_decay
 
 
-def _restore_data_position(checkpoint: dict, position: Position, state: "TrainState") -> Optional[str]:
+def _restore_data_position(checkpoint: dict, position: Position, state: "TrainState",
+                           kept: bool = False) -> Optional[str]:
     """Where the epoch stands, in global samples. Another number of processes or batch size continues the same
     epoch order from the same sample; only a checkpoint of the older per-process order restarts the epoch.
     Returns what changed, for the log."""
@@ -305,19 +325,24 @@ def _restore_data_position(checkpoint: dict, position: Position, state: "TrainSt
         position.meters = {}
     layout = (world_size, args.batch_size, args.accumulate_steps)
     if saved != layout:
-        note = (f"the checkpoint was written by {saved[0]} process(es) x batch {saved[1]} x accumulate_steps {saved[2]},"
-                f" now {layout[0]} x {layout[1]} x {layout[2]}: " +
-                (f"epoch {position.epoch} continues from sample {position.samples_done} of its order, split among "
-                 "the processes now running; " if position.samples_done else "") +
-                ("the global batch is kept" if math.prod(saved) == math.prod(layout) else
-                 f"the global batch changed from {math.prod(saved)} to {math.prod(layout)} (set batch_size or "
-                 "accumulate_steps to keep it)"))
+        where = (f"epoch {position.epoch} continues from sample {position.samples_done} of its order, split among "
+                 "the processes now running; " if position.samples_done else "")
+        note = (f"the checkpoint was written by {saved[0]} process(es) x batch {saved[1]} x accumulate_steps "
+                f"{saved[2]}, now {layout[0]} x {layout[1]} x {layout[2]}: {where}"
+                f"{_global_batch_change(saved, layout, kept)}")
         rest = (position.epoch_samples or 0) - position.samples_done
         if rest % math.prod(layout):
             note += (f"; the epoch's last step trains its last {rest % math.prod(layout)} image(s), fewer than "
                      "a global batch, so that every image of the epoch is trained once")
     position.iteration = position.samples_done // math.prod(layout)
     return note
+
+
+def _global_batch_change(saved: tuple, layout: tuple, kept: bool) -> str:
+    before, now = math.prod(saved), math.prod(layout)
+    if before != now:
+        return f"the global batch changed from {before} to {now} (set batch_size or accumulate_steps to keep it)"
+    return f"the global batch {now} is kept" + (f" by accumulate_steps {layout[2]} (keep_global_batch)" if kept else "")
 
 
 def _restore_rng(checkpoint: dict) -> None:
@@ -356,6 +381,7 @@ class TrainState:
     num_samples: int
     facts: dict  # origin, categories, environment, datasets: see util.checkpoint.training_state
     scheduler: object = None
+    requested_accumulate_steps: Optional[int] = None  # the command's, before keep_global_batch
     writer: BackgroundWriter = field(default_factory=BackgroundWriter)
 
     def save(self, names, *, epoch: int, iteration: int, samples_done: int, best: dict, meters: dict,
@@ -372,6 +398,7 @@ class TrainState:
                 state = snapshot(training_state(
                     self.model, self.optimizer, self.scheduler, self.scaler, self.ema, epoch=epoch,
                     iteration=iteration, samples_done=samples_done, epoch_samples=epoch_samples,
+                    requested_accumulate_steps=self.requested_accumulate_steps,
                     num_samples=self.num_samples,
                     iterations=self.iterations, args=self.args, best=best, meters=meters, rng_states=rng,
                     facts=self.facts, eval_pending=eval_pending, epoch_time=epoch_time,

@@ -20,6 +20,9 @@ early_stop_patience = 0  # end training after N epochs without a better bbox AP;
 # accumulate_steps x batch_size x processes (losses normalised as one batch of them all). Iterations, the lr
 # schedule and save_every_iters count optimizer steps; an epoch's last incomplete window is skipped.
 accumulate_steps = 1
+# A run continued on another number of processes keeps its global batch by changing accumulate_steps when it
+# divides evenly (2 processes x batch 2 continued on 1 process accumulate 2 batches); False: as configured.
+keep_global_batch = True
 # Mixed precision dtype of --amp: "float16" (CUDA only, with a loss scaler) or "bfloat16" (CUDA or CPU).
 # The deformable attention's sampling, the matcher and the losses always run in float32.
 amp_dtype = "float16"
