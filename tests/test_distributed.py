@@ -161,7 +161,8 @@ if rank == 0:
 def _uneven_step(tmp_path, name, layout):
     script, out = tmp_path / f"{name}.py", tmp_path / f"{name}.pt"
     script.write_text(UNEVEN_STEP.format(root=str(ROOT), tests=str(ROOT / "tests"), layout=layout, out=str(out)))
-    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(layout)}"] if len(layout) > 1 else []
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(layout)}"]
+    launch = launch if len(layout) > 1 else []
     proc = subprocess.run([sys.executable, *launch, str(script)], cwd=tmp_path, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:]

@@ -273,7 +273,8 @@ def training_state(model, optimizer, lr_scheduler, scaler, ema, *, epoch: int, i
                        'batch_size': args.batch_size, 'accumulate_steps': getattr(args, 'accumulate_steps', 1),
                        'samples_done': samples_done, 'num_samples': num_samples,
                        'epoch_samples': epoch_samples,
-                       'requested_accumulate_steps': requested_accumulate_steps or getattr(args, 'accumulate_steps', 1)},
+                       'requested_accumulate_steps': requested_accumulate_steps or
+                       getattr(args, 'accumulate_steps', 1)},
         'args': plain_args(args),
         **facts,
         'best': dict(best),
