@@ -81,7 +81,6 @@ class Start:
     kind: str
     path: str = ""
     checkpoint: dict = field(default_factory=dict)
-    kept_global_batch: bool = False  # keep_global_batch changed accumulate_steps
 
 
 def choose_start(args) -> Start:
@@ -121,7 +120,6 @@ def keep_global_batch(start: Start, args) -> None:
     per_window = dist_utils.get_world_size() * args.batch_size
     if saved % per_window == 0 and saved // per_window != args.accumulate_steps:
         args.accumulate_steps = saved // per_window
-        start.kept_global_batch = True
 
 
 def _newest_intact_checkpoint(output_dir: str):
@@ -225,7 +223,7 @@ def _restore_full(start: Start, state: "TrainState") -> Position:
             state.ema.load_state_dict(checkpoint["ema_model"])
         else:
             logger.warning("the checkpoint has no EMA weights: the EMA restarts from the current model")
-    layout_note = _restore_data_position(checkpoint, position, state, start.kept_global_batch)
+    layout_note = _restore_data_position(checkpoint, position, state)
     if start.kind == "continue":
         origin = describe_origin(checkpoint.get("origin", SCRATCH))
         how = f"Continuing the interrupted run in {args.output_dir} ({origin})"
@@ -306,8 +304,7 @@ def _apply_configured_lrs(optimizer, args) -> None:
         group["weight_decay"] = args.weight_decay
 
 
-def _restore_data_position(checkpoint: dict, position: Position, state: "TrainState",
-                           kept: bool = False) -> Optional[str]:
+def _restore_data_position(checkpoint: dict, position: Position, state: "TrainState") -> Optional[str]:
     """Where the epoch stands, in global samples. Another number of processes or batch size continues the same
     epoch order from the same sample; only a checkpoint of the older per-process order restarts the epoch.
     Returns what changed, for the log."""
@@ -325,6 +322,7 @@ def _restore_data_position(checkpoint: dict, position: Position, state: "TrainSt
         position.meters = {}
     layout = (world_size, args.batch_size, args.accumulate_steps)
     if saved != layout:
+        kept = state.requested_accumulate_steps not in (None, args.accumulate_steps)  # by keep_global_batch
         where = (f"epoch {position.epoch} continues from sample {position.samples_done} of its order, split among "
                  "the processes now running; " if position.samples_done else "")
         note = (f"the checkpoint was written by {saved[0]} process(es) x batch {saved[1]} x accumulate_steps "
