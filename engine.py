@@ -52,6 +52,9 @@ def autocast_dtype(amp: bool, amp_dtype: str, device_type: str) -> Optional[torc
     if amp and amp_dtype == "float16" and device_type != "cuda":
         raise ValueError(f"--amp with amp_dtype=float16 needs CUDA, and the device is {device_type}: use "
                          "--options amp_dtype=bfloat16 for mixed precision on it")
+    if amp and amp_dtype == "bfloat16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("--amp with amp_dtype=bfloat16 needs a GPU that supports bfloat16, and this one does not: "
+                         "use --options amp_dtype=float16, or --no-amp")
     return AMP_DTYPES[amp_dtype] if amp else None
 
 

@@ -52,9 +52,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="epoch to start at; overrides the checkpoint's epoch when given")
     p.add_argument("--eval", action="store_true", help="only evaluate the given weights")
     p.add_argument("--num_workers", default=2, type=int, help="data loading worker processes per rank")
-    p.add_argument("--amp", action="store_true",
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="mixed precision in config key amp_dtype: float16 (CUDA, with a loss scaler) or "
-                   "bfloat16 (CUDA or CPU)")
+                   "bfloat16 (CUDA or CPU); --no-amp turns off a config's cli_defaults amp")
     p.add_argument("--find_unused_params", action="store_true", help="DDP find_unused_parameters")
     p.add_argument("--save_log", action="store_true", help="log plain progress lines (every 10%% of an epoch) even on a terminal")
     p.add_argument("--save_results", action="store_true", help="write COCO-format detections to output_dir/eval/")
@@ -151,8 +151,9 @@ def _loader(dataset, args, train: bool):
 
 def _write_header(args, run_record: dict) -> None:
     logger.info("command: %s", " ".join([sys.executable] + sys.argv))
-    logger.info("git: %s%s | world size: %d | device: %s", run_record["git_commit"],
-                " (with uncommitted changes)" if run_record["git_dirty"] else "", run_record["world_size"], args.device)
+    logger.info("git: %s%s | world size: %d | device: %s | precision: %s", run_record["git_commit"],
+                " (with uncommitted changes)" if run_record["git_dirty"] else "", run_record["world_size"], args.device,
+                f"{args.amp_dtype} autocast (--amp)" if args.amp else "float32")
     logger.info("environment: %s", json.dumps(run_record))
     logger.info("args: %s", json.dumps(ckpt.plain_args(args), sort_keys=True, default=str))
     if args.output_dir:

@@ -3,6 +3,7 @@
 Accumulated and split batches equal one large batch only when nothing mixes the images of a batch: the
 comparisons use group norm (not batch statistics) and no denoising queries (their count and noise depend on
 the batch), as any gradient accumulation would need."""
+import json
 import math
 import os
 import signal
@@ -175,8 +176,20 @@ def test_bfloat16_run_on_cpu_completes_an_epoch_with_finite_losses(data, tmp_pat
     assert 0 < log[0]["train_loss"] < 100
 
 
+def test_the_demo_trains_under_bfloat16_autocast_and_no_amp_turns_it_off(data, tmp_path):
+    """DINO_demo.py turns --amp on through cli_defaults; --no-amp on the command line wins."""
+    run_main(data, tmp_path / "amp", options=["epochs=1"])
+    run_main(data, tmp_path / "no-amp", "--no-amp", options=["epochs=1"])
+    assert "| precision: bfloat16 autocast (--amp)" in (tmp_path / "amp" / "info.txt").read_text()
+    assert "| precision: float32" in (tmp_path / "no-amp" / "info.txt").read_text()
+    assert json.loads((tmp_path / "amp" / "config_args_all.json").read_text())["amp"] is True
+    assert json.loads((tmp_path / "no-amp" / "config_args_all.json").read_text())["amp"] is False
+    losses = [read_log(tmp_path / name)[0]["train_loss"] for name in ("amp", "no-amp")]
+    assert losses[0] != losses[1] and all(0 < loss < 100 for loss in losses)
+
+
 def test_float16_on_cpu_is_a_clear_error(data, tmp_path):
-    proc = run_main(data, tmp_path, "--amp", options=["epochs=1"], check=False)
+    proc = run_main(data, tmp_path, "--amp", options=["epochs=1", "amp_dtype=float16"], check=False)
     assert proc.returncode == 2
     assert proc.stdout.strip().splitlines()[-1] == (
         "error: --amp with amp_dtype=float16 needs CUDA, and the device is cpu: use --options amp_dtype=bfloat16 "
