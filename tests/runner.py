@@ -16,10 +16,12 @@ TINY_OPTIONS = ["hidden_dim=32", "nheads=4", "dim_feedforward=64", "enc_layers=1
                 "data_aug_val_size=64", "batch_size=2", "epochs=2", "lr_drop=1"]
 
 
-def run_main(coco_path, output_dir, *extra, options=(), config=DEMO, timeout=300, check=True, env=None):
-    """Returns the CompletedProcess; output is stdout+stderr in .stdout."""
+def run_main(coco_path, output_dir, *extra, options=(), config=DEMO, timeout=300, check=True, env=None,
+             precision=("--no-amp",)):
+    """Returns the CompletedProcess; output is stdout+stderr in .stdout. Float32 unless extra says --amp
+    (precision=() keeps the config's own default)."""
     cmd = [sys.executable, str(ROOT / "main.py"), "-c", config, "--coco_path", str(coco_path),
-           "--output_dir", str(output_dir), "--num_workers", "0", *extra]
+           "--output_dir", str(output_dir), "--num_workers", "0", *precision, *extra]
     cmd += ["--options", *TINY_OPTIONS, *options]
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
@@ -31,7 +33,7 @@ def run_main(coco_path, output_dir, *extra, options=(), config=DEMO, timeout=300
 def popen_main(data, out, *extra, options=(), workers=0, script="main.py", new_session=False):
     """main.py (or a wrapper of it) running in the background, printing a progress line per iteration."""
     cmd = [sys.executable, str(ROOT / script), "-c", DEMO, "--coco_path", str(data), "--output_dir", str(out),
-           "--num_workers", str(workers), "--save_log", *extra, "--options", *TINY_OPTIONS, *options]
+           "--num_workers", str(workers), "--save_log", "--no-amp", *extra, "--options", *TINY_OPTIONS, *options]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}, start_new_session=new_session)
 

@@ -18,7 +18,7 @@ from runner import ROOT, TINY_OPTIONS, popen_main, read_log, run_main, wait_for_
 def _torchrun(data, out, *extra, options=()):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "main.py"), "-c", "config/DINO/DINO_demo.py", "--coco_path", str(data), "--output_dir",
-           str(out), "--num_workers", "0", "--save_log", *extra, "--options", *TINY_OPTIONS, "synthetic_num_train=24",
+           str(out), "--num_workers", "0", "--save_log", "--no-amp", *extra, "--options", *TINY_OPTIONS, "synthetic_num_train=24",
            "epochs=3", *options]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)

@@ -75,7 +75,7 @@ def _assert_same_up_to_rounding(ref_dir, other_dir):
     ref, other = _parameters(ref_dir), _parameters(other_dir)
     assert ref.keys() == other.keys()
     differences = torch.cat([(ref[k].float() - other[k].float()).abs().flatten() for k in ref])
-    assert (differences > 1e-5).float().mean() < 1e-4 and differences.max() <= 2 * 5e-4  # the demo's lr
+    assert (differences > 1e-5).float().mean() < 1e-4 and differences.max() <= 2 * 7e-4  # the demo's lr
     ref_log, other_log = read_log(ref_dir)[0], read_log(other_dir)[0]
     train_keys = [k for k in ref_log if k.startswith("train_")]
     assert len(train_keys) > 10 and set(train_keys) == {k for k in other_log if k.startswith("train_")}
@@ -144,7 +144,7 @@ def test_out_of_memory_on_one_of_two_processes_makes_both_retry_and_train_the_sa
     script.write_text(INJECT_OOM.format(root=str(ROOT), fails="images > 1 and forwards == 2 and "
                                                               "torch.distributed.get_rank() == 0"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "-c",
-           DEMO, "--coco_path", str(data), "--output_dir", str(tmp_path / "out"), "--num_workers", "0",
+           DEMO, "--coco_path", str(data), "--output_dir", str(tmp_path / "out"), "--num_workers", "0", "--no-amp",
            "--options", *TINY_OPTIONS, *BATCH_INDEPENDENT, "batch_size=4"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
@@ -178,7 +178,7 @@ def test_bfloat16_run_on_cpu_completes_an_epoch_with_finite_losses(data, tmp_pat
 
 def test_the_demo_trains_under_bfloat16_autocast_and_no_amp_turns_it_off(data, tmp_path):
     """DINO_demo.py turns --amp on through cli_defaults; --no-amp on the command line wins."""
-    run_main(data, tmp_path / "amp", options=["epochs=1"])
+    run_main(data, tmp_path / "amp", options=["epochs=1"], precision=())
     run_main(data, tmp_path / "no-amp", "--no-amp", options=["epochs=1"])
     assert "| precision: bfloat16 autocast (--amp)" in (tmp_path / "amp" / "info.txt").read_text()
     assert "| precision: float32" in (tmp_path / "no-amp" / "info.txt").read_text()
