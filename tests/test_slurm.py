@@ -32,7 +32,7 @@ def slurm(tmp_path_factory):
 def _submit(slurm, data, job_dir, *extra, options=()):
     cmd = [sys.executable, str(ROOT / "tools" / "run_with_submitit.py"), "--cluster", "slurm", "--ngpus", "1",
            "--cpus_per_task", "1", "--job_dir", str(job_dir), *extra, "-c", "config/DINO/DINO_demo.py",
-           "--coco_path", str(data), "--device", "cpu", "--num_workers", "0", "--save_log",
+           "--coco_path", str(data), "--device", "cpu", "--num_workers", "0", "--save_log", "--no-amp",
            "--options", *TINY_OPTIONS, *options]
     proc = subprocess.run(cmd, cwd=ROOT, env=slurm, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=120)
