@@ -28,7 +28,7 @@ def build_model(args):
     matcher = HungarianMatcher(args.set_cost_class, args.set_cost_bbox, args.set_cost_giou, args.focal_alpha)
     weight_dict = build_weight_dict(args.cls_loss_coef, args.bbox_loss_coef, args.giou_loss_coef,
                                     args.interm_loss_coef, args.dec_layers, args.use_dn)
-    criterion = SetCriterion(args.num_classes, matcher, weight_dict, args.focal_alpha, args.dec_layers)
+    criterion = SetCriterion(args.num_classes, matcher, weight_dict, args.focal_alpha, args.dec_layers, args.cls_loss)
     postprocessors = {"bbox": PostProcess(args.num_select, args.nms_iou_threshold)}
     return model, criterion, postprocessors
 from .inference import Detector, load_detector  # noqa: E402  (after build_model, which it uses)

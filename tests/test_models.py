@@ -185,6 +185,29 @@ def test_matcher_is_optimal_against_brute_force():
         assert cost[rows, cols].sum() == pytest.approx(float(best), abs=1e-5)
 
 
+def test_varifocal_scores_learn_the_iou_of_their_box():
+    """cls_loss "varifocal": the matched class's loss is flat where its score equals its box's IoU with the ground
+    truth, other classes and queries are pushed down with weight 0.75 p^2, and the weights follow VarifocalNet."""
+    from models.dino.criterion import SetCriterion, varifocal_loss
+    target = torch.tensor([[0.0, 0.8]])
+    assert varifocal_loss(torch.zeros(1, 2), target).item() == pytest.approx((0.75 * 0.25 + 0.8) * 0.6931472, 1e-5)
+    box, gt = torch.tensor([0.5, 0.5, 0.2, 0.2]), torch.tensor([0.55, 0.5, 0.2, 0.2])  # IoU 0.15 / 0.25 = 0.6
+    criterion = SetCriterion(3, HungarianMatcher(2.0, 5.0, 2.0), {}, 0.25, 1, cls_loss="varifocal")
+    for score, sign in ((0.6, 0), (0.9, 1), (0.3, -1)):
+        logits = torch.full((1, 2, 3), -3.0)
+        logits[0, 0, 1] = torch.logit(torch.tensor(score))
+        logits.requires_grad_(True)
+        outputs = {"pred_logits": logits, "pred_boxes": torch.stack([box, torch.tensor([0.2, 0.2, 0.1, 0.1])])[None]}
+        targets = [{"labels": torch.tensor([1]), "boxes": gt[None]}]
+        criterion.single_output_losses(outputs, targets, [(torch.tensor([0]), torch.tensor([0]))], 1.0)[
+            "loss_ce"].backward()
+        grad = logits.grad[0, 0, 1].item()
+        assert (abs(grad) < 1e-6) if sign == 0 else (grad * sign > 1e-3), (score, grad)
+        assert (logits.grad[0, 1] > 0).all() and (logits.grad[0, 0, [0, 2]] > 0).all()
+    with pytest.raises(ValueError, match="cls_loss must be one of focal, varifocal"):
+        SetCriterion(3, HungarianMatcher(), {}, 0.25, 1, cls_loss="softmax")
+
+
 def test_cdn_attention_mask_structure():
     mask = cdn_attention_mask(pad_size=8, group_size=4, num_queries=3)
     assert mask.shape == (11, 11)

@@ -74,6 +74,7 @@ dn_label_noise_ratio = 0.5
 dn_labelbook_size = 91
 
 # matcher and losses
+cls_loss = "focal"  # "varifocal": IoU-aware scores (VarifocalNet, RT-DETR), not in the official DINO
 focal_alpha = 0.25
 set_cost_class = 2.0
 set_cost_bbox = 5.0

@@ -1,16 +1,29 @@
 """DINO's losses: focal classification, L1 and GIoU boxes, for every decoder layer, the encoder and the DN queries.
 
+cls_loss "varifocal" replaces the focal term by an IoU-aware one (VarifocalNet; RT-DETR's default): a matched
+query learns its box's IoU with the ground truth as its score, so scores rank boxes by how well they fit.
+
 Losses and matching always run in float32, also under autocast: focal terms and box differences of
 half-precision predictions would round away most of their signal."""
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
+from torch.nn import functional as F
+from torchvision.ops import box_convert, box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
 from util import distributed as dist_utils
 
 LOSS_TERMS = ("loss_ce", "loss_bbox", "loss_giou")
+CLS_LOSSES = ("focal", "varifocal")
+
+
+def varifocal_loss(logits: Tensor, target_scores: Tensor, alpha: float = 0.75, gamma: float = 2.0) -> Tensor:
+    """Summed binary cross-entropy towards target_scores (a positive's IoU, 0 elsewhere), positives weighted by
+    their target and negatives by alpha * p ** gamma, as in VarifocalNet."""
+    positive = (target_scores > 0).to(logits.dtype)
+    weight = alpha * logits.sigmoid().detach().pow(gamma) * (1 - positive) + target_scores
+    return F.binary_cross_entropy_with_logits(logits, target_scores, weight=weight, reduction="sum")
 
 
 def build_weight_dict(cls_coef: float, bbox_coef: float, giou_coef: float, interm_coef: float,
@@ -26,10 +39,12 @@ def build_weight_dict(cls_coef: float, bbox_coef: float, giou_coef: float, inter
 
 class SetCriterion(nn.Module):
     def __init__(self, num_classes: int, matcher: nn.Module, weight_dict: Dict[str, float], focal_alpha: float,
-                 num_decoder_layers: int):
+                 num_decoder_layers: int, cls_loss: str = "focal"):
         super().__init__()
+        if cls_loss not in CLS_LOSSES:
+            raise ValueError(f"cls_loss must be one of {', '.join(CLS_LOSSES)}, got {cls_loss!r}")
         self.num_classes, self.matcher, self.weight_dict = num_classes, matcher, weight_dict
-        self.focal_alpha, self.num_decoder_layers = focal_alpha, num_decoder_layers
+        self.focal_alpha, self.num_decoder_layers, self.cls_loss = focal_alpha, num_decoder_layers, cls_loss
 
     def single_output_losses(self, outputs: Dict[str, Tensor], targets: List[Dict[str, Tensor]],
                              indices: List[Tuple[Tensor, Tensor]], num_boxes: float) -> Dict[str, Tensor]:
@@ -37,14 +52,20 @@ class SetCriterion(nn.Module):
         batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(logits.device)
         src_idx = torch.cat([src for src, _ in indices]).to(logits.device)
         target_classes = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
-        onehot = torch.zeros_like(logits)
-        onehot[batch_idx, src_idx, target_classes] = 1.0
-        loss_ce = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=2.0, reduction="sum") / num_boxes
         src_boxes = outputs["pred_boxes"][batch_idx, src_idx].float()
         tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)])
+        src_xyxy, tgt_xyxy = box_convert(src_boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy")
+        target_scores = torch.zeros_like(logits)
+        if self.cls_loss == "focal":
+            target_scores[batch_idx, src_idx, target_classes] = 1.0
+            loss_ce = sigmoid_focal_loss(logits, target_scores, alpha=self.focal_alpha, gamma=2.0, reduction="sum")
+        else:
+            ious = box_iou(src_xyxy.detach(), tgt_xyxy).diagonal()
+            target_scores[batch_idx, src_idx, target_classes] = ious.clamp(min=1e-6)  # a positive stays positive
+            loss_ce = varifocal_loss(logits, target_scores)
+        loss_ce = loss_ce / num_boxes
         loss_bbox = (src_boxes - tgt_boxes).abs().sum() / num_boxes
-        loss_giou = generalized_box_iou_loss(box_convert(src_boxes, "cxcywh", "xyxy"),
-                                             box_convert(tgt_boxes, "cxcywh", "xyxy"), reduction="sum") / num_boxes
+        loss_giou = generalized_box_iou_loss(src_xyxy, tgt_xyxy, reduction="sum") / num_boxes
         return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
 
     def _matched(self, outputs, targets, num_boxes, suffix: str) -> Dict[str, Tensor]:
