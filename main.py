@@ -478,7 +478,9 @@ def cli(argv=None) -> int:
     args = None
     try:
         args = parse_args(argv)
-        return main(args)
+        code = main(args)
+        dist_utils.leave_process_group()
+        return code
     except interrupt.TrainingInterrupted:
         return interrupt.EXIT_INTERRUPTED
     except KeyboardInterrupt:

@@ -155,6 +155,8 @@ stats = train_one_epoch(net, criterion, batches, torch.optim.SGD(model.parameter
                         accumulate_steps=len(batches), short_last_step=world > 1)
 if rank == 0:
     torch.save({{"loss": stats["loss"], **before, **dict(model.named_parameters())}}, {out!r})
+if world > 1:  # a process that exits with gloo still set up can abort in its teardown
+    torch.distributed.destroy_process_group()
 """
 
 

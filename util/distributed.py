@@ -93,6 +93,13 @@ def _environment_ranks():
     return None
 
 
+def leave_process_group() -> None:
+    """Ends this process's part in the process group after a run that ended well: a process that exits with
+    gloo or NCCL still set up can abort in their teardown ("terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def init_distributed_mode(args) -> None:
     """Sets args.distributed, args.rank, args.world_size, args.gpu and joins the process group if needed."""
     ranks = _environment_ranks()
