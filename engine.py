@@ -111,7 +111,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
                     iteration_scheduler=None, start_iter: int = 0, steps: Optional[int] = None,
                     meters: Optional[Meters] = None, after_iteration: Optional[Callable[[int, Meters, list], None]] = None,
                     max_iters: Optional[int] = None, log_progress: bool = False,
-                    accumulate_steps: int = 1, short_last_step: bool = False) -> Dict[str, float]:
+                    accumulate_steps: int = 1, short_last_step: bool = False,
+                    lr_factor: Optional[Callable[[int], float]] = None) -> Dict[str, float]:
     """Trains from iteration `start_iter` (the loader must already skip the done batches) to the epoch's end.
 
     An iteration is one optimizer step over a window of `accumulate_steps` batches of the loader; an epoch's
@@ -119,7 +120,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
     epoch). `short_last_step`: the last of them holds fewer images than the others, unevenly spread over the
     processes (an epoch continued on another layout, datasets/sampler.py). `after_iteration(iterations_done,
     meters, targets)` runs after every optimizer step: the checkpoint hooks live there, so a window is never
-    saved half done (a resumed run replays it).
+    saved half done (a resumed run replays it). `lr_factor(it)` scales the scheduled lr of iteration `it`'s
+    step (the warm-up, `linear_warmup`).
     """
     model.train()
     criterion.train()
@@ -154,17 +156,17 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
             scaler.unscale_(optimizer)
         if max_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        with _scaled_lr(optimizer, lr_factor(it) if lr_factor is not None else 1.0) as lr:
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
         if iteration_scheduler is not None and not uneven:  # a short step is part of a step: the schedule's
             iteration_scheduler.step()                        # length stays the run's iterations per epoch
         if ema is not None:
             ema.update_parameters(model)
 
-        lr = optimizer.param_groups[0]["lr"]
         meters.update(loss=loss_value, lr=lr, **weighted)
         it += 1
         if (bar.disable or log_progress) and (it % log_every == 0 or it == total) and dist_utils.is_main_process():
@@ -175,6 +177,28 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
             after_iteration(it, meters, [t for _, targets in window for t in targets])
     bar.close()
     return meters.averages()
+
+
+def linear_warmup(warmup_iters: int, iterations_before: int) -> Optional[Callable[[int], float]]:
+    """The lr factor of an epoch's iterations under a linear warm-up over the run's first warmup_iters optimizer
+    steps (iterations_before: the steps of the earlier epochs); None without warm-up. A function of the step's
+    number alone, so a resumed run continues it exactly."""
+    if warmup_iters <= 0 or iterations_before >= warmup_iters:
+        return None
+    return lambda it: min(1.0, (iterations_before + it + 1) / warmup_iters)
+
+
+@contextlib.contextmanager
+def _scaled_lr(optimizer, factor: float):
+    """Every group's lr times factor during the step (yields the first group's), then the scheduled lr again."""
+    scheduled = [group["lr"] for group in optimizer.param_groups]
+    for group, lr in zip(optimizer.param_groups, scheduled):
+        group["lr"] = lr * factor
+    try:
+        yield optimizer.param_groups[0]["lr"]
+    finally:
+        for group, lr in zip(optimizer.param_groups, scheduled):
+            group["lr"] = lr
 
 
 def _windows(data_loader, size: int):

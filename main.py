@@ -17,11 +17,12 @@ import util.checkpoint as ckpt
 from datasets import build_dataset, get_coco_api_from_dataset
 from datasets.sampler import GlobalBatchSampler, ShardedSampler
 from engine import (Meters, NonFiniteLossError, NonFiniteOutputError, OutOfMemoryStop, autocast_dtype, evaluate,
-                    optimizer_steps_per_epoch, train_one_epoch)
+                    linear_warmup, optimizer_steps_per_epoch, train_one_epoch)
 from models import build_model, load_pretrained_backbone
 from util import distributed as dist_utils
 from util import environment, interrupt, resume, run_dir
 from util.config import DictAction, dump_config, load_config, merge_config
+from util.ema import build_ema
 from util.logger import setup_logging
 from util.misc import collate_fn
 from util.rng import capture_rng_state
@@ -328,8 +329,7 @@ def main(args) -> int:
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     ema = None
     if args.use_ema:
-        ema = torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema_decay), use_buffers=True)
+        ema = build_ema(model, args.ema_decay, args.ema_warmup_iters)
 
     facts = {"origin": resume.run_origin(args), "categories": dataset_train.categories(), "environment": run_record,
              "datasets": {"train": dataset_train.fingerprint(), "val": dataset_val.fingerprint()}}
@@ -450,7 +450,8 @@ def main(args) -> int:
                             iteration_scheduler=state.scheduler if per_iteration else None, start_iter=start_iter,
                             steps=train_sampler.steps_left(), meters=meters, after_iteration=after_iteration,
                             max_iters=max_iters, log_progress=args.save_log, accumulate_steps=args.accumulate_steps,
-                            short_last_step=train_sampler.ends_short())
+                            short_last_step=train_sampler.ends_short(),
+                            lr_factor=linear_warmup(args.lr_warmup_iters, epoch * iterations))
         except Exception as e:
             if not isinstance(e, (FloatingPointError, ckpt.CheckpointWriteError, interrupt.TrainingInterrupted)):
                 _save_before_failure(args, state, epoch, last, best, losses)

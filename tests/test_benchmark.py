@@ -11,7 +11,7 @@ import pytest
 from main import parse_args
 from models import build_model
 from tests.runner import ROOT, TINY_OPTIONS
-from tools.benchmark import demo_summary, read_log, schedule, time_to_ap
+from tools.benchmark import best_ap, demo_summary, read_log, schedule, time_to_ap
 
 MODEL_OPTIONS = ["hidden_dim=32", "nheads=4", "dim_feedforward=64", "enc_layers=1", "dec_layers=2", "num_queries=20",
                  "dn_number=6"]
@@ -150,6 +150,9 @@ def test_demo_pieces(tmp_path):
               {"ap": 0.7, "seen_s": 340.0}]
     assert time_to_ap(epochs, 0.5) == 180.0 and time_to_ap(epochs, 0.65) == 340.0
     assert time_to_ap(epochs, 0.8) is None
+    assert best_ap({"test_coco_eval_bbox": [0.4, 0.6]}) == 0.4
+    assert best_ap({"test_coco_eval_bbox": [0.4, 0.6], "ema_test_coco_eval_bbox": [0.45, 0.5]}) == 0.45
+    assert best_ap({"test_coco_eval_bbox": [0.4, 0.6], "ema_test_coco_eval_bbox": [0.35, 0.7]}) == 0.4
     assert demo_summary([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "samples": [3.0, 1.0, 2.0]}
     assert demo_summary([3.0, None]) == {"not_reached": 1, "runs": 2}
     log = tmp_path / "log.txt"

@@ -6,6 +6,7 @@ the batch), as any gradient accumulation would need."""
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from datasets.sampler import GlobalBatchSampler
-from engine import train_one_epoch
+from engine import linear_warmup, train_one_epoch
 from models import build_model
 from models.ops import multi_scale_deformable_attn
 from runner import DEMO, ROOT, TINY_OPTIONS, assert_same_training, popen_main, read_log, run_main, wait_for_line
@@ -222,3 +223,57 @@ def test_attention_core_under_bfloat16_autocast_is_close_to_float32():
         out = multi_scale_deformable_attn(value.bfloat16(), case["spatial_shapes"], locations, weights.bfloat16())
     assert out.dtype == torch.bfloat16
     assert ((out.float() - expected).norm() / expected.norm()).item() < 1e-2
+
+
+def test_ema_decay_warms_up_as_configured_and_is_fixed_without_warm_up():
+    from util.ema import build_ema
+    model = torch.nn.Linear(2, 1)
+    steps = [torch.full_like(p, float(i)) for i, p in enumerate([model.weight] * 6)]
+    warmed, fixed = build_ema(model, 0.9, warmup_iters=3), build_ema(model, 0.9, warmup_iters=0)
+    expected_warmed = expected_fixed = None
+    for n, value in enumerate(steps):
+        with torch.no_grad():
+            model.weight.copy_(value)
+        warmed.update_parameters(model)
+        fixed.update_parameters(model)
+        if n == 0:  # the first update copies the weights
+            expected_warmed = expected_fixed = value.clone()
+        else:
+            decay = 0.9 * (1 - math.exp(-n / 3))
+            expected_warmed = decay * expected_warmed + (1 - decay) * value
+            expected_fixed = 0.9 * expected_fixed + 0.1 * value
+    assert torch.allclose(warmed.module.weight, expected_warmed)
+    assert torch.allclose(fixed.module.weight, expected_fixed)
+    assert not torch.allclose(expected_warmed, expected_fixed)
+    for decay, warmup, message in ((1.5, 0, "ema_decay must be in [0, 1]"),
+                                   (0.9, -1, "ema_warmup_iters must be >= 0")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            build_ema(model, decay, warmup)
+
+
+def test_linear_warmup_factors():
+    assert linear_warmup(0, 0) is None and linear_warmup(4, 4) is None
+    first, second = linear_warmup(6, 0), linear_warmup(6, 4)
+    assert [first(it) for it in range(4)] == [1 / 6, 2 / 6, 3 / 6, 4 / 6]
+    assert [second(it) for it in range(4)] == [5 / 6, 1.0, 1.0, 1.0]
+
+
+def test_warm_ups_of_the_lr_and_the_ema_resume_bit_exactly_after_sigterm(data, tmp_path):
+    options = ["epochs=1", "use_ema=True", "ema_decay=0.99", "ema_warmup_iters=4", "lr_warmup_iters=6"]
+    run_main(data, tmp_path / "reference", options=options)
+    # 8 steps, the first 6 at 1/6, 2/6, ... 6/6 of the demo's lr 7e-4: the logged mean lr says they ran so.
+    assert read_log(tmp_path / "reference")[0]["train_lr"] == pytest.approx(7e-4 * (21 / 6 + 2) / 8)
+    proc = popen_main(data, tmp_path / "run", options=options)
+    wait_for_line(proc, "Epoch 0 [3/8]")
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 3, rest
+    assert 3 <= torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)["iteration"] < 8
+    run_main(data, tmp_path / "run", options=options)
+    assert_same_training(tmp_path / "reference", tmp_path / "run")
+    ref, resumed = (torch.load(d / "checkpoint.pth", weights_only=True)["ema_model"]
+                    for d in (tmp_path / "reference", tmp_path / "run"))
+    assert ref.keys() == resumed.keys() and all(torch.equal(ref[k], resumed[k]) for k in ref)
+    assert ref["n_averaged"].item() == 8
+    ema_ap = [read_log(d)[0]["ema_test_coco_eval_bbox"] for d in (tmp_path / "reference", tmp_path / "run")]
+    assert ema_ap[0] == ema_ap[1]

@@ -512,6 +512,12 @@ def read_log(path: Path) -> list:
     return [json.loads(line) for line in path.read_text().splitlines(keepends=True) if line.endswith("\n")]
 
 
+def best_ap(record: dict) -> float:
+    """An epoch's bbox AP: of its best weights, the EMA's when the run keeps an EMA (use_ema) and it is better,
+    as checkpoint_best_ema.pth holds them from then on."""
+    return max(record["test_coco_eval_bbox"][0], record.get("ema_test_coco_eval_bbox", [-1.0])[0])
+
+
 def time_to_ap(epochs: list, target: float):
     """Seconds from the command's start until the log showed an epoch with bbox AP >= target; None if never."""
     return next((e["seen_s"] for e in epochs if e["ap"] >= target), None)
@@ -539,7 +545,7 @@ def demo_run(label, root, opts, out_dir: Path) -> dict:
         tail = (out_dir / "output.txt").read_text().strip().splitlines()[-20:]
         print("\n".join(tail), file=sys.stderr)
         raise BenchmarkError(f"the demo training of {label} exited with code {proc.returncode} (its output above)")
-    epochs = [{"epoch": r["epoch"], "epoch_time": r["epoch_time"], "ap": r["test_coco_eval_bbox"][0], "seen_s": s}
+    epochs = [{"epoch": r["epoch"], "epoch_time": r["epoch_time"], "ap": best_ap(r), "seen_s": s}
               for r, s in zip(records, seen)]
     return {"revision": label, "wall_s": wall, "epochs": epochs,
             "time_to_ap": {str(t): time_to_ap(epochs, t) for t in opts.targets}}

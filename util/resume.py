@@ -32,8 +32,8 @@ ARCHITECTURE_KEYS = ('modelname', 'backbone', 'backbone_norm', 'return_interm_in
                      'dn_labelbook_size', 'backbone_freeze_at', 'lr_backbone_names')
 # Changing one of these is allowed on resume but worth a line in the log.
 HYPERPARAMETER_KEYS = ('lr', 'lr_backbone', 'weight_decay', 'batch_size', 'lr_scheduler', 'lr_drop', 'lr_drop_list',
-                       'clip_max_norm', 'epochs', 'use_ema', 'ema_decay', 'amp', 'amp_dtype', 'accumulate_steps', 'seed',
-                       'dataset_file', 'coco_path', 'early_stop_patience')
+                       'lr_warmup_iters', 'clip_max_norm', 'epochs', 'use_ema', 'ema_decay', 'ema_warmup_iters', 'amp',
+                       'amp_dtype', 'accumulate_steps', 'seed', 'dataset_file', 'coco_path', 'early_stop_patience')
 
 
 def architecture_differences(saved: dict, current: dict) -> List[str]:

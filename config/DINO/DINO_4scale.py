@@ -14,6 +14,7 @@ epochs = 12
 lr_scheduler = "step"  # step (lr_drop) | multistep (lr_drop_list) | onecycle
 lr_drop = 11
 lr_drop_list = [33, 45]
+lr_warmup_iters = 0  # N > 0: the lr rises linearly over the first N optimizer steps (not in the official DINO)
 clip_max_norm = 0.1
 early_stop_patience = 0  # end training after N epochs without a better bbox AP; 0 = off
 # Gradient accumulation: one optimizer step per accumulate_steps batches, so the effective batch is
@@ -28,6 +29,7 @@ keep_global_batch = True
 amp_dtype = "float16"
 use_ema = False
 ema_decay = 0.9997
+ema_warmup_iters = 0  # 0: fixed decay (official); N: decay * (1 - exp(-step / N)), as RT-DETR and YOLO (2000)
 
 # checkpoints
 save_checkpoint_interval = 1
