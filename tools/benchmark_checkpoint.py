@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from main import _optimizer, _scheduler, parse_args  # noqa: E402
 from models import build_model  # noqa: E402
 from util.checkpoint import load_checkpoint, seal, snapshot, training_state, write_bytes  # noqa: E402
+from util.ema import build_ema  # noqa: E402
 from util.rng import capture_rng_state  # noqa: E402
 
 
@@ -34,7 +35,8 @@ def _state(config: str) -> dict:
     for p in model.parameters():  # give AdamW its moment buffers, as after a real step
         p.grad = torch.zeros_like(p) if p.requires_grad else None
     optimizer.step()
-    return training_state(model, optimizer, _scheduler(optimizer, args, 1), None, None, epoch=0, iteration=0,
+    ema = build_ema(model, args.ema_decay, args.ema_warmup_iters) if args.use_ema else None  # the demo keeps one
+    return training_state(model, optimizer, _scheduler(optimizer, args, 1), None, ema, epoch=0, iteration=0,
                           samples_done=0, num_samples=1, iterations=1, args=args, best={}, meters={},
                           rng_states=[capture_rng_state()], facts={})
 
