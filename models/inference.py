@@ -100,12 +100,12 @@ def load_detector(checkpoint, config=None, weights: str = "auto", device="cpu") 
 
     config (a config file) fills keys the checkpoint does not record and overrides the others (e.g.
     num_select, data_aug_val_size), except the architecture, which the checkpoint's weights fix.
-    weights: 'regular', 'ema' or 'auto' (the EMA weights when the checkpoint holds them).
+    weights: 'regular', 'ema' or 'auto' (see _auto_weights).
     """
     path = os.fspath(checkpoint)
     saved = load_checkpoint(path)
     args = _model_args(saved, path, config)
-    state_dict, kind = _select_weights(saved, path, weights)
+    state_dict, kind, why = _select_weights(saved, path, weights)
     try:
         model, _, postprocessors = build_model(args)
         transform = make_coco_transforms("val", args)
@@ -119,7 +119,7 @@ def load_detector(checkpoint, config=None, weights: str = "auto", device="cpu") 
     if report.missing or report.unexpected or report.shape_mismatch:
         raise ValueError(f"the weights in {path} do not fit the model its args describe:\n{report.format()}")
     class_names, category_ids = _label_names(saved, args)
-    how = f" (auto: the checkpoint {'holds' if kind == 'ema' else 'has no'} EMA weights)" if weights == "auto" else ""
+    how = f" (auto: {why})" if weights == "auto" else ""
     logger.info("Loaded %s: %s weights%s, %d classes, images resized to %s (max %s)", path, kind, how,
                 args.num_classes, args.data_aug_val_size or max(args.data_aug_scales), args.data_aug_max_size)
     return Detector(model.to(device).eval(), postprocessors["bbox"], transform, class_names, category_ids,
@@ -143,22 +143,40 @@ def _model_args(checkpoint: dict, path: str, config) -> argparse.Namespace:
     return argparse.Namespace(**merged)
 
 
+def _auto_weights(checkpoint: dict):
+    """('regular' or 'ema', why): of the weights a checkpoint holds, those whose best evaluation in the run scored
+    higher (its `best` record); the EMA when the run recorded none for one of them. A use_ema run's
+    checkpoint_best_regular.pth holds the EMA too, and gives its regular weights when they evaluated better."""
+    if checkpoint.get("model_is_ema"):
+        return "ema", "the checkpoint holds only EMA weights"
+    if "ema_model" not in checkpoint:
+        return "regular", "the checkpoint has no EMA weights"
+    best = checkpoint.get("best") or {}
+    regular, ema = (best.get(kind, {}).get("ap") for kind in ("regular", "ema"))
+    if regular is None or ema is None:
+        return "ema", "the checkpoint holds EMA weights"
+    kind = "regular" if regular > ema else "ema"
+    return kind, f"the run's best bbox AP was {regular:.4f} for the regular weights, {ema:.4f} for the EMA"
+
+
 def _select_weights(checkpoint: dict, path: str, weights: str):
-    """(state dict, 'regular' or 'ema'); 'ema' reads a use_ema checkpoint's AveragedModel or an EMA-only file."""
+    """(state dict, 'regular' or 'ema', why auto chose it); 'ema' reads a use_ema checkpoint's AveragedModel or an
+    EMA-only file."""
     if weights not in WEIGHT_CHOICES:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_CHOICES)}; got {weights!r}")
     ema_only, has_ema = bool(checkpoint.get("model_is_ema")), "ema_model" in checkpoint
+    why = None
     if weights == "auto":
-        weights = "ema" if ema_only or has_ema else "regular"
+        weights, why = _auto_weights(checkpoint)
     if weights == "regular":
         if ema_only:
             raise ValueError(f"{path} holds only EMA weights: use weights 'ema' or 'auto'")
-        return checkpoint["model"], weights
+        return checkpoint["model"], weights, why
     if ema_only:
-        return checkpoint["model"], weights
+        return checkpoint["model"], weights, why
     if has_ema:
         averaged = strip_module_prefix(checkpoint["ema_model"])
-        return {k: v for k, v in averaged.items() if k != "n_averaged"}, weights
+        return {k: v for k, v in averaged.items() if k != "n_averaged"}, weights, why
     raise ValueError(f"{path} holds no EMA weights (it was trained without use_ema=True): use weights 'regular' "
                      "or 'auto'")
 

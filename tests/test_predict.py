@@ -62,6 +62,11 @@ def test_ema_weights_are_chosen_when_present(trained_run, tmp_path):
     from_regular, from_auto, from_ema_only = (d.predict(image, threshold=-1.0) for d in (regular, auto, ema_only))
     torch.testing.assert_close(from_auto["scores"], from_ema_only["scores"])
     assert not torch.allclose(from_auto["scores"], from_regular["scores"])
+    # auto picks the weights whose best evaluation in the run was higher (a use_ema run's best_regular file).
+    for regular_ap, ema_ap, chosen in ((0.5, 0.4, "regular"), (0.4, 0.5, "ema")):
+        best = {"regular": {"ap": regular_ap, "epoch": 0}, "ema": {"ap": ema_ap, "epoch": 0}}
+        torch.save({**torch.load(tmp_path / "with_ema.pth", weights_only=True), "best": best}, tmp_path / "best.pth")
+        assert load_detector(tmp_path / "best.pth").weights == chosen
     with pytest.raises(ValueError, match="holds no EMA weights"):
         load_detector(trained_run / "checkpoint.pth", weights="ema")
     with pytest.raises(ValueError, match="holds only EMA weights"):

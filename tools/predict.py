@@ -107,7 +107,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--config", help="config file for keys the checkpoint lacks (needed for official DINO files)")
     parser.add_argument("--weights", choices=WEIGHT_CHOICES, default="auto",
-                        help="auto: the EMA weights when the checkpoint holds them, else the regular ones")
+                        help="auto: of the regular and EMA weights the checkpoint holds, those that evaluated better "
+                             "in the run (the EMA when that is not recorded)")
     parser.add_argument("--batch_size", type=int, default=4)
     opts = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
