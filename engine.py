@@ -191,6 +191,9 @@ def linear_warmup(warmup_iters: int, iterations_before: int) -> Optional[Callabl
 @contextlib.contextmanager
 def _scaled_lr(optimizer, factor: float):
     """Every group's lr times factor during the step (yields the first group's), then the scheduled lr again."""
+    if factor == 1.0:  # no warm-up: the optimizer is left as the scheduler set it
+        yield optimizer.param_groups[0]["lr"]
+        return
     scheduled = [group["lr"] for group in optimizer.param_groups]
     for group, lr in zip(optimizer.param_groups, scheduled):
         group["lr"] = lr * factor

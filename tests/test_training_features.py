@@ -114,19 +114,25 @@ def test_four_accumulated_batches_train_like_one_batch_of_all(accumulated, one_b
     _assert_same_up_to_rounding(one_batch, accumulated)
 
 
+def _stopped_by_sigterm_and_resumed(data, out, options, done: int):
+    """main.py stopped by SIGTERM after its progress line for `done` of 8 iterations, then rerun to the end:
+    (the iteration the stop saved, the rerun)."""
+    proc = popen_main(data, out, options=options)
+    wait_for_line(proc, f"Epoch 0 [{done}/8]")
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 3, rest
+    saved = torch.load(out / "checkpoint.pth", weights_only=True)["iteration"]
+    assert done <= saved < 8  # the step under way when the signal came was finished
+    return saved, run_main(data, out, options=options)
+
+
 def test_sigterm_inside_accumulation_resumes_bit_exactly(data, tmp_path):
     options = ["batch_size=1", "accumulate_steps=2", "epochs=1"]  # 8 windows of 2 x 1, denoising on
     reference = run_main(data, tmp_path / "reference", options=options)
     assert "8 iterations per epoch" in reference.stdout
-    proc = popen_main(data, tmp_path / "run", options=options)
-    wait_for_line(proc, "Epoch 0 [2/8]")
-    proc.send_signal(signal.SIGTERM)
-    rest = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 3, rest
-    saved = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
-    assert 2 <= saved["iteration"] < 8  # a window boundary: the window under way when the signal came was finished
-    resumed = run_main(data, tmp_path / "run", options=options)
-    assert f"epoch 0, iteration {saved['iteration']} of 8" in resumed.stdout
+    saved, resumed = _stopped_by_sigterm_and_resumed(data, tmp_path / "run", options, done=2)
+    assert f"epoch 0, iteration {saved} of 8" in resumed.stdout  # a window boundary
     assert_same_training(tmp_path / "reference", tmp_path / "run")
 
 
@@ -228,7 +234,7 @@ def test_attention_core_under_bfloat16_autocast_is_close_to_float32():
 def test_ema_decay_warms_up_as_configured_and_is_fixed_without_warm_up():
     from util.ema import build_ema
     model = torch.nn.Linear(2, 1)
-    steps = [torch.full_like(p, float(i)) for i, p in enumerate([model.weight] * 6)]
+    steps = [torch.full_like(model.weight, float(i)) for i in range(6)]
     warmed, fixed = build_ema(model, 0.9, warmup_iters=3), build_ema(model, 0.9, warmup_iters=0)
     expected_warmed = expected_fixed = None
     for n, value in enumerate(steps):
@@ -263,13 +269,7 @@ def test_warm_ups_of_the_lr_and_the_ema_resume_bit_exactly_after_sigterm(data, t
     run_main(data, tmp_path / "reference", options=options)
     # 8 steps, the first 6 at 1/6, 2/6, ... 6/6 of the demo's lr 7e-4: the logged mean lr says they ran so.
     assert read_log(tmp_path / "reference")[0]["train_lr"] == pytest.approx(7e-4 * (21 / 6 + 2) / 8)
-    proc = popen_main(data, tmp_path / "run", options=options)
-    wait_for_line(proc, "Epoch 0 [3/8]")
-    proc.send_signal(signal.SIGTERM)
-    rest = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 3, rest
-    assert 3 <= torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)["iteration"] < 8
-    run_main(data, tmp_path / "run", options=options)
+    _stopped_by_sigterm_and_resumed(data, tmp_path / "run", options, done=3)  # the warm-up spans steps 1-6
     assert_same_training(tmp_path / "reference", tmp_path / "run")
     ref, resumed = (torch.load(d / "checkpoint.pth", weights_only=True)["ema_model"]
                     for d in (tmp_path / "reference", tmp_path / "run"))
