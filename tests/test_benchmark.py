@@ -75,8 +75,8 @@ def test_parameters_and_flops(report):
     assert rows["parameters_total"]["median"] == sum(p.numel() for p in model.parameters())
     assert rows["parameters_trainable"]["median"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     # deformable sampling, 9 FLOPs per (query, head, level, point, channel): the encoder's 8x8+4x4+2x2+1x1
-    # queries in 1 layer and 20 decoder queries in 2 layers, 4 heads x 4 levels x 4 points x 8 channels
-    assert rows["gflops_sampling"]["median"] * 1e9 == pytest.approx(9 * (85 + 2 * 20) * 4 * 4 * 4 * 8)
+    # queries in 1 layer with 2 points, 20 decoder queries in 2 layers with 4 points; 4 heads x 4 levels x 8 channels
+    assert rows["gflops_sampling"]["median"] * 1e9 == pytest.approx(9 * (85 * 2 + 2 * 20 * 4) * 4 * 4 * 8)
     assert rows["gflops_counted"]["median"] > 0.1  # ResNet-18 alone is ~0.15 GFLOPs at 64x64
     assert rows["gflops_eval"]["median"] == pytest.approx(rows["gflops_counted"]["median"]
                                                           + rows["gflops_sampling"]["median"])
