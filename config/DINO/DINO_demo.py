@@ -28,8 +28,8 @@ dec_layers = 2
 # Two sampling points per level in the encoder (official: 4): bfloat16 steps 1.27x faster (interleaved, medians of 5
 # rounds of 3 steps, 0.202 s against 0.251 s; 1.23x in a first measurement), with the same AP after 3 epochs: 0.253
 # / 0.467 / 0.614, EMA 0.297 / 0.543 / 0.664, against 0.295 / 0.503 / 0.611, EMA 0.314 / 0.547 / 0.663. Two points
-# in the decoder too: 1.32x (first measurement), EMA 0.650 after epoch 2 (2026-12-07). Seeds 43 / 44 (one thread): EMA 0.672 / 0.657
-# after epoch 2 with 2 encoder points, 0.668 / 0.674 with 4.
+# in the decoder too: 1.32x (first measurement), EMA 0.650 after epoch 2 (2026-12-07). Seeds 43 / 44 (one thread):
+# EMA 0.672 / 0.657 after epoch 2 with 2 encoder points, 0.668 / 0.674 with 4.
 enc_n_points = 2
 num_queries = 100
 dn_number = 50
