@@ -7,11 +7,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from main import parse_args
 from models import build_model
 from tests.runner import ROOT, TINY_OPTIONS
-from tools.benchmark import best_ap, demo_summary, read_log, schedule, time_to_ap
+from tools.benchmark import KernelTimes, best_ap, demo_summary, read_log, schedule, time_to_ap
 
 MODEL_OPTIONS = ["hidden_dim=32", "nheads=4", "dim_feedforward=64", "enc_layers=1", "dec_layers=2", "num_queries=20",
                  "dn_number=6"]
@@ -52,7 +53,7 @@ def report(tmp_path_factory):
 def test_every_row_has_numbers_and_the_json_has_them_all(report):
     proc, results = report
     rows = table_rows(proc.stdout)
-    assert len(rows) == len(results["rows"]) == 35
+    assert len(rows) == len(results["rows"]) == 42
     for key, row in results["rows"].items():
         cells = rows[row["what"]]
         assert number(cells[0]) == pytest.approx(row["median"], rel=1e-3, abs=1e-9), key
@@ -114,6 +115,31 @@ def test_against_a_revision_times_both_sides_in_a_removed_worktree(report):
     for what in ("eval forward, HEAD", "training step, HEAD", "eval forward, ours (worker)"):
         assert number(rows[what][0]) > 0
     assert number(rows["training step: HEAD time / ours"][0]) > 0
+
+
+def test_kernel_times_split_a_step_into_library_kernels_and_the_rest(report):
+    _, results = report
+    rows = results["rows"]
+    groups = [rows[f"train_kernel_{group}"]["samples"] for group in ("matmul", "conv", "sdpa")]
+    assert all(t > 0 for samples in groups for t in samples)  # the tiny DINO runs all three kinds of kernel
+    assert rows["train_kernels"]["samples"] == pytest.approx([sum(round_) for round_ in zip(*groups)])
+    assert rows["train_kernel_other"]["median"] > 0
+    # a step takes longer than a part of its ops
+    assert rows["train_ratio_kernels"]["min"] > 1
+    assert rows["train_ratio_against_kernels"]["median"] == pytest.approx(
+        rows["train_against"]["median"] / rows["train_kernels"]["median"])
+
+
+def test_kernel_times_group_ops_by_kernel():
+    a = torch.randn(64, 64)
+    with KernelTimes() as timed:
+        a @ a
+    assert timed.seconds["matmul"] > 0 and timed.seconds["conv"] == timed.seconds["other"] == 0
+    with KernelTimes() as timed:
+        torch.nn.functional.conv2d(torch.randn(1, 3, 16, 16), torch.randn(4, 3, 3, 3))
+        a.to_sparse_csr() @ a  # a sparse product is not a dense kernel
+        a.relu()
+    assert timed.seconds["conv"] > 0 and timed.seconds["other"] > 0 and timed.seconds["matmul"] == 0
 
 
 def test_user_errors_are_one_line():

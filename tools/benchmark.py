@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -252,6 +253,33 @@ def peak_memory(fn, device: str):
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * scale / 2**20, "ru_maxrss growth"
 
 
+# The library kernels whose speed this code does not choose: an upper bound on what any change of ours can win.
+KERNELS = {"matmul": ("dense matrix products (mm, addmm, bmm)", {"mm", "addmm", "bmm", "baddbmm"}),
+           "conv": ("convolutions, forward and backward", {"convolution", "convolution_backward"}),
+           "sdpa": ("scaled dot-product attention, forward and backward",
+                    {"_scaled_dot_product_flash_attention_for_cpu",
+                     "_scaled_dot_product_flash_attention_for_cpu_backward"})}
+
+
+class KernelTimes(TorchDispatchMode):
+    """Seconds spent inside each group of KERNELS' ops, and inside all other ops, timed op by op (CPU only:
+    the ops run synchronously there). The dispatch adds a few microseconds between ops, never inside one."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = dict.fromkeys([*KERNELS, "other"], 0.0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        start = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        elapsed = time.perf_counter() - start
+        name = func.overloadpacket.__name__
+        dense = all(t.layout == torch.strided for t in args if isinstance(t, torch.Tensor))
+        group = next((key for key, (_, ops) in KERNELS.items() if name in ops and dense), "other")
+        self.seconds[group] += elapsed
+        return out
+
+
 def _status_kib(status: Path, key: str) -> int:
     return int(re.search(rf"^{key}:\s+(\d+)", status.read_text(), re.M).group(1))
 
@@ -429,6 +457,11 @@ def benchmark(opts) -> dict:
         table.add(f"{key}_ratio_bf16", f"{what}: float32 time / bfloat16 autocast", ratio(times["ours"], times["bf16"]),
                   "x")
 
+    kernels = None
+    if device == "cpu":
+        progress(f"training step: time inside the library kernels, op by op, {runs} runs")
+        kernels = kernel_rows(table, work.train_step, runs)
+
     progress("peak memory")
     for key, what, fn in (("eval", "eval forward", work.eval_forward), ("train", "training step", work.train_step)):
         mib, how = peak_memory(fn, device)
@@ -440,7 +473,7 @@ def benchmark(opts) -> dict:
 
     against = None
     if opts.against:
-        against = compare_revision(opts, table, eval_flops, train_flops, matmul)
+        against = compare_revision(opts, table, eval_flops, train_flops, matmul, kernels)
 
     h, w = opts.size
     title = (f"# {' '.join([opts.config, *(opts.options or [])])}, {h}x{w}, batch {batch}, {device}, {opts.threads} "
@@ -451,6 +484,27 @@ def benchmark(opts) -> dict:
                       "device": device, "threads": opts.threads, "runs": runs, "torch": torch.__version__,
                       "against": against},
             "rows": table.rows}
+
+
+def kernel_rows(table, train_step, runs) -> dict:
+    """How much of a training step the library kernels take, and so how fast the step could get if everything
+    else cost nothing: step time / kernel time, per round (a plain step, then one timed op by op)."""
+    train_step()
+    steps, times = [], {group: [] for group in [*KERNELS, "other"]}
+    for _ in range(runs):
+        steps.append(timer(train_step)())
+        with KernelTimes() as timed:
+            train_step()
+        for group, seconds in timed.seconds.items():
+            times[group].append(seconds)
+    total = [sum(times[group][i] for group in KERNELS) for i in range(runs)]
+    for group, (what, _) in KERNELS.items():
+        table.add(f"train_kernel_{group}", f"training step: inside {what}", summary(times[group]), "s")
+    table.add("train_kernel_other", "training step: inside all other ops", summary(times["other"]), "s")
+    table.add("train_kernels", "training step: inside those library kernels, in all", summary(total), "s")
+    table.add("train_ratio_kernels", "training step: step time / time inside the library kernels",
+              ratio(steps, total), "x")
+    return summary(total)
 
 
 def core_rows(table, call, device, runs, matmul) -> None:
@@ -476,8 +530,10 @@ def core_rows(table, call, device, runs, matmul) -> None:
               errors["reference"], "")
 
 
-def compare_revision(opts, table, eval_flops, train_flops, matmul) -> dict:
-    """Ours and REV, each in a worker of this script built from its own tree, timed in alternating rounds."""
+def compare_revision(opts, table, eval_flops, train_flops, matmul, kernels) -> dict:
+    """Ours and REV, each in a worker of this script built from its own tree, timed in alternating rounds.
+    With the library kernels' time of our step (kernels), the largest speed-up over REV that any change outside
+    those kernels could reach: REV's step time / that time, a ratio of medians."""
     rev = opts.against
     with revision_worktree(rev) as (path, commit), tempfile.TemporaryDirectory() as logs:
         workers = []
@@ -497,6 +553,9 @@ def compare_revision(opts, table, eval_flops, train_flops, matmul) -> dict:
                           summary(times["ours_bf16"]), "s")
                 table.add(f"{key}_ratio_against_bf16", f"{what}: {rev} time / ours with bfloat16 autocast",
                           ratio(times[rev], times["ours_bf16"]), "x")
+            if kernels:
+                table.add("train_ratio_against_kernels", f"training step: {rev} time / ours inside the library "
+                          f"kernels (medians)", statistics.median(times[rev]) / kernels["median"], "x")
         finally:
             for worker in workers:
                 worker.close()
