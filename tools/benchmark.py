@@ -11,6 +11,9 @@ and under bfloat16 autocast (main.py --amp --options amp_dtype=bfloat16), and wi
 git revision REV (checked out into a temporary worktree, removed at the end) against ours, each side in a
 worker subprocess of this script that builds the model with its own revision's code.
 A ratio is the median (min-max) of the per-round ratios baseline time / our time: above 1 means ours is faster.
+On CPU a training step is also timed op by op (KernelTimes): the time inside the matmul, convolution and attention
+kernels, which no change of this code makes faster, bounds what any other change can win (with --against REV:
+REV's step time / that time).
 FLOPs count a multiply-add as 2 (FlopCounterMode's convention; papers quoting fvcore count it as 1); the
 attention core's sampling, invisible to FlopCounterMode, is counted from its shapes (sampling_flops).
 
