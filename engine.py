@@ -11,12 +11,13 @@ from typing import Callable, Dict, Iterable, Optional
 
 import torch
 from torch import Tensor
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from datasets.coco_eval import CocoEvaluator
 from util import distributed as dist_utils
+from util import faults
 from util.misc import NestedTensor
+from util.rng import capture_rng_state, restore_rng_state
 
 logger = logging.getLogger("dino.engine")
 
@@ -38,24 +39,6 @@ def is_out_of_memory(error: BaseException) -> bool:
     text = str(error)
     return isinstance(error, torch.OutOfMemoryError) or (
         isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
-
-
-AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def autocast_dtype(amp: bool, amp_dtype: str, device_type: str) -> Optional[torch.dtype]:
-    """The autocast dtype of --amp (None without it): float16 needs CUDA (and its GradScaler), bfloat16 runs
-    on CUDA and CPU without one."""
-    if amp_dtype not in AMP_DTYPES:
-        raise ValueError(f"amp_dtype={amp_dtype!r} is not one of {', '.join(AMP_DTYPES)}: set --options "
-                         "amp_dtype=bfloat16 (or float16, CUDA only)")
-    if amp and amp_dtype == "float16" and device_type != "cuda":
-        raise ValueError(f"--amp with amp_dtype=float16 needs CUDA, and the device is {device_type}: use "
-                         "--options amp_dtype=bfloat16 for mixed precision on it")
-    if amp and amp_dtype == "bfloat16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("--amp with amp_dtype=bfloat16 needs a GPU that supports bfloat16, and this one does not: "
-                         "use --options amp_dtype=float16, or --no-amp")
-    return AMP_DTYPES[amp_dtype] if amp else None
 
 
 def optimizer_steps_per_epoch(num_batches: int, accumulate_steps: int) -> int:
@@ -131,26 +114,29 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
     total = total if max_iters is None else min(max_iters, total)
     desc = f"Epoch {epoch}"
     started, log_every = time.time(), max(1, total // 10)
-    bar = progress(_windows(data_loader, accumulate_steps), total, start_iter, desc)
+    bar = progress(None, total, start_iter, desc)
+    windows = _windows(data_loader, accumulate_steps)
+    if scaler is not None:  # a process whose share of a step is empty never scales a loss, yet unscales
+        scaler.scale(torch.zeros((), device=device))
     it, pieces = start_iter, 1  # pieces: each batch is split in that many micro-batches (after running out of memory)
-    for window in bar:
-        if it >= total:
+    while it < total:
+        window = _next_window(windows, device)
+        if window is None:
             break
-        window = [(samples.to(device, non_blocking=True),
-                   [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets])
-                  for samples, targets in window]
         uneven = short_last_step and steps is not None and it == start_iter + steps - 1
-        optimizer.zero_grad(set_to_none=True)
+        before = _StepStart(model)
         while True:
-            losses = _accumulate_gradients(model, criterion, window, pieces, device, amp_dtype, scaler, uneven)
+            optimizer.zero_grad(set_to_none=True)  # a failed attempt's partial gradients must not reach the step
+            dist_utils.broadcast_state(model.buffers())  # rank 0's, as DDP before a step's first forward
+            losses = before.attempt(_accumulate_gradients, model, criterion, window, pieces, device, amp_dtype,
+                                    scaler)
             if losses is not None:
                 break
-            optimizer.zero_grad(set_to_none=True)  # a failed attempt's partial gradients must not reach the step
-            _forget_failed_attempt(model)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             batch = max(dist_utils.all_gather_object(len(window[0][1])))  # the same split on every process
             pieces = _fewer_images_per_micro_batch(pieces, batch, len(window), epoch, it)
+        dist_utils.average_gradients(model.parameters())
         loss_value, weighted = _reduced_weighted_losses(criterion, losses, epoch, it, device, uneven)
         if scaler is not None:
             scaler.unscale_(optimizer)
@@ -169,6 +155,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
 
         meters.update(loss=loss_value, lr=lr, **weighted)
         it += 1
+        bar.update(1)
         if (bar.disable or log_progress) and (it % log_every == 0 or it == total) and dist_utils.is_main_process():
             _log_line(desc, it, total, started, it - start_iter, meters, lr)
         else:
@@ -204,6 +191,31 @@ def _scaled_lr(optimizer, factor: float):
             group["lr"] = lr
 
 
+class _StepStart:
+    """What a step's forwards change before the optimizer step (batch-norm statistics, the random state),
+    as it was when the step began: an attempt that fails puts it back, so a retry draws and normalises as the
+    first attempt did, and a save after a failure holds the state of the last completed step."""
+
+    def __init__(self, model):
+        self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        self.rng = capture_rng_state()
+
+    def attempt(self, step, *args):
+        try:
+            result = step(*args)
+        except BaseException:
+            self.restore()
+            raise
+        if result is None:
+            self.restore()
+        return result
+
+    def restore(self) -> None:
+        for buffer, value in self.buffers:
+            buffer.data.copy_(value)
+        restore_rng_state(self.rng)
+
+
 def _windows(data_loader, size: int):
     """The loader's batches in consecutive groups of `size`; an incomplete last group is dropped."""
     window = []
@@ -214,6 +226,22 @@ def _windows(data_loader, size: int):
             window = []
 
 
+def _next_window(windows, device):
+    """The next window, on the device; None at the epoch's end. A process that fails to load its share
+    (a broken file) stops every process (util.distributed.check_together)."""
+    window, error = None, None
+    try:
+        window = next(windows, None)
+        if window is not None:
+            window = [(samples.to(device, non_blocking=True),
+                       [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets])
+                      for samples, targets in window]
+    except Exception as e:
+        error = e
+    dist_utils.check_together(error)
+    return window
+
+
 def _micro_batches(samples: NestedTensor, targets: list, pieces: int):
     """A batch in `pieces` consecutive parts. Each keeps the batch's padding, so every image is computed
     exactly as in the whole batch."""
@@ -221,61 +249,35 @@ def _micro_batches(samples: NestedTensor, targets: list, pieces: int):
     return [(NestedTensor(samples.tensors[a:b], samples.mask[a:b]), targets[a:b]) for a, b in zip(edges, edges[1:])]
 
 
-def _accumulate_gradients(model, criterion, window, pieces: int, device, amp_dtype, scaler,
-                          uneven: bool = False) -> Optional[Dict[str, Tensor]]:
+def _accumulate_gradients(model, criterion, window, pieces: int, device, amp_dtype, scaler) -> Optional[Dict[str, Tensor]]:
     """Forward and backward of every batch of the window, each in `pieces` micro-batches, normalised by the
     window's box count, so the gradients sum to those of one batch of all its images. Returns the summed
-    (unreduced) loss terms, or None when any process ran out of memory (processes agree after each forward
-    and backward, so all retry together; under DDP only the last backward synchronises gradients).
-
-    `uneven`: processes hold different numbers of images, some none (an empty micro-batch computes nothing).
-    DDP, which needs a forward and backward on every process, is bypassed; the gradients are averaged after."""
+    (unreduced) loss terms, or None when any process ran out of memory: the processes agree after each
+    micro-batch, so all retry together, and any other failure stops them all. No collective runs inside a
+    forward or backward (gradients are averaged after the window), so a process that fails half-way leaves
+    none of the others waiting. A process without images (an epoch's short last step) computes nothing."""
     num_boxes = criterion.average_num_boxes([t for _, targets in window for t in targets], device)
     micro_batches = [part for samples, targets in window for part in _micro_batches(samples, targets, pieces)]
-    ddp = isinstance(model, DistributedDataParallel)
-    net = model.module if ddp and uneven else model
     totals = {}
-    for i, (samples, targets) in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        sync = model.no_sync() if ddp and not last and not uneven else contextlib.nullcontext()
-        with sync:
-            failed = False
-            try:
-                if targets:
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        outputs = net(samples, targets)
-                        loss_dict = criterion(outputs, targets, num_boxes=num_boxes)
-                        loss = criterion.total_loss(loss_dict)
-            except RuntimeError as e:
-                if not is_out_of_memory(e):
-                    raise
-                failed = True
-            if dist_utils.any_rank(failed):
-                return None
-            try:
-                if targets:
-                    (loss if scaler is None else scaler.scale(loss)).backward()
-            except RuntimeError as e:
-                if not is_out_of_memory(e):
-                    raise
-                failed = True
-            if dist_utils.any_rank(failed):
-                return None
-        if targets:
-            totals = {k: totals[k] + v.detach() if k in totals else v.detach() for k, v in loss_dict.items()}
-            del outputs, loss_dict, loss
-    if ddp and uneven:
-        dist_utils.average_gradients(model.parameters())
+    for samples, targets in micro_batches:
+        error, loss_dict = None, {}
+        try:
+            if targets:
+                faults.check("forward")
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    outputs = model(samples, targets)
+                    loss_dict = criterion(outputs, targets, num_boxes=num_boxes)
+                    loss = criterion.total_loss(loss_dict)
+                faults.arm_backward(loss)
+                (loss if scaler is None else scaler.scale(loss)).backward()
+                del outputs, loss
+        except Exception as e:
+            error = e
+        if dist_utils.check_together(error, retryable=is_out_of_memory):
+            return None
+        for k, v in loss_dict.items():
+            totals[k] = totals[k] + v.detach() if k in totals else v.detach()
     return totals
-
-
-def _forget_failed_attempt(model) -> None:
-    """DDP remembers a forward whose backward never ran (on the processes where it completed): its reducer
-    would wait for that backward, and its buffer broadcast would run on some processes only. Every process
-    resets both the same way, so the retry starts from one state everywhere."""
-    if isinstance(model, DistributedDataParallel):
-        model.reducer._reset_state()  # the reset DDP itself does when its process group changes mid-training
-        model.require_forward_param_sync = True
 
 
 def _fewer_images_per_micro_batch(pieces: int, batch: int, accumulated: int, epoch: int, it: int) -> int:
@@ -333,15 +335,21 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, *, 
     evaluator = CocoEvaluator(base_ds, label_to_category_id)
     total = len(data_loader) if max_iters is None else min(max_iters, len(data_loader))
     started = time.time()
-    for i, (samples, targets) in enumerate(progress(data_loader, total, 0, "Eval")):
-        if i >= total:
-            break
-        samples = samples.to(device)
-        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-        with torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            outputs = model(samples)
-            loss_dict = criterion(outputs, targets)
-        _check_finite(outputs, loss_dict, targets)
+    batches = iter(data_loader)
+    for _ in progress(range(total), total, 0, "Eval"):
+        error = None
+        try:  # a process that fails alone (a broken file, a diverged prediction) stops every process
+            samples, targets = next(batches)
+            targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+            with torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                outputs = model(samples.to(device))
+                loss_dict = criterion(outputs, targets)
+            if faults.check("eval_batch") == "nan":
+                outputs["pred_boxes"] = outputs["pred_boxes"] * float("nan")
+            _check_finite(outputs, loss_dict, targets)
+        except Exception as e:
+            error = e
+        dist_utils.check_together(error)
         reduced = dist_utils.reduce_dict(loss_dict)
         weighted = {k: v * criterion.weight_dict[k] for k, v in reduced.items() if k in criterion.weight_dict}
         meters.update(loss=float(sum(weighted.values())), **{k: float(v) for k, v in weighted.items()})

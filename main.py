@@ -16,11 +16,11 @@ from torch.utils.data import BatchSampler
 import util.checkpoint as ckpt
 from datasets import build_dataset, get_coco_api_from_dataset
 from datasets.sampler import GlobalBatchSampler, ShardedSampler
-from engine import (Meters, NonFiniteLossError, NonFiniteOutputError, OutOfMemoryStop, autocast_dtype, evaluate,
+from engine import (Meters, NonFiniteLossError, NonFiniteOutputError, OutOfMemoryStop, evaluate,
                     linear_warmup, optimizer_steps_per_epoch, train_one_epoch)
 from models import build_model, load_pretrained_backbone
 from util import distributed as dist_utils
-from util import environment, interrupt, resume, run_dir
+from util import determinism, environment, interrupt, precision, resume, run_dir
 from util.config import DictAction, dump_config, load_config, merge_config
 from util.ema import build_ema
 from util.logger import setup_logging
@@ -54,9 +54,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--eval", action="store_true", help="only evaluate the given weights")
     p.add_argument("--num_workers", default=2, type=int, help="data loading worker processes per rank")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
-                   help="mixed precision in config key amp_dtype: float16 (CUDA, with a loss scaler) or "
-                   "bfloat16 (CUDA or CPU); --no-amp turns off a config's cli_defaults amp")
-    p.add_argument("--find_unused_params", action="store_true", help="DDP find_unused_parameters")
+                   help="mixed precision in config key amp_dtype: auto (bfloat16 where the device runs it fast, "
+                   "else float16 with a loss scaler on CUDA and float32 on CPU), bfloat16 or float16 (CUDA); "
+                   "--no-amp turns off a config's cli_defaults amp")
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True,
+                   help="deterministic kernels (default), so that a resumed run is bit-identical to an uninterrupted "
+                   "one on CUDA too; --no-deterministic lets CUDA pick faster, non-deterministic kernels")
+    p.add_argument("--find_unused_params", action="store_true",
+                   help="accepted for the official command line; gradients of unused parameters count as zeros anyway")
     p.add_argument("--save_log", action="store_true", help="log plain progress lines (every 10%% of an epoch) even on a terminal")
     p.add_argument("--save_results", action="store_true", help="write COCO-format detections to output_dir/eval/")
     p.add_argument("--debug", action="store_true", help="a few iterations per epoch and debug logs: a smoke test")
@@ -80,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.set_defaults(**cli_defaults)
         args = parser.parse_args(argv)
     merge_config(args, cfg, args.options, {a.dest for a in parser._actions})
+    for key, value in precision.float32_overrides(args).items():  # before anything reads them
+        setattr(args, key, value)
     args.config = {k: getattr(args, k) for k in cfg}
     if args.coco_path is None:
         args.coco_path = "data/synthetic" if args.dataset_file == "synthetic" else "data/coco"
@@ -150,11 +157,18 @@ def _loader(dataset, args, train: bool):
     return sampler, loader
 
 
-def _write_header(args, run_record: dict) -> None:
+def _write_header(args, run_record: dict, chosen: precision.Precision, determinism_note: str) -> None:
     logger.info("command: %s", " ".join([sys.executable] + sys.argv))
     logger.info("git: %s%s | world size: %d | device: %s | precision: %s", run_record["git_commit"],
                 " (with uncommitted changes)" if run_record["git_dirty"] else "", run_record["world_size"], args.device,
-                f"{args.amp_dtype} autocast (--amp)" if args.amp else "float32")
+                chosen.reason)
+    if chosen.warning:
+        logger.warning(chosen.warning)
+    overrides = precision.float32_overrides(args)
+    if overrides:
+        logger.info("float32: the config's float32_recipe sets %s",
+                    ", ".join(f"{key}={value}" for key, value in overrides.items()))
+    logger.info(determinism_note)
     logger.info("environment: %s", json.dumps(run_record))
     logger.info("args: %s", json.dumps(ckpt.plain_args(args), sort_keys=True, default=str))
     if args.output_dir:
@@ -221,9 +235,9 @@ def _initial_backbone(model, args) -> None:
 def _save_before_failure(args, state, epoch: int, last: dict, best: dict, losses) -> None:
     """A training step raised (a data error, a CUDA error, a bug): save the last completed step, so the rerun
     continues from there. Parameters change only in the optimizer step, after which the step counts as done,
-    so this state is never half-updated. Several processes may be anywhere in a collective: they keep their
-    last periodic save."""
-    if not args.output_dir or dist_utils.get_world_size() > 1 or last["rng_state"] is None:
+    so this state is never half-updated. Several processes save together when they learned of the failure
+    together (util.distributed.check_together): each then stands after the same step."""
+    if not args.output_dir or last["rng_state"] is None:
         return
     try:
         state.save([ckpt.LATEST], epoch=epoch - 1, best=best, recent_losses=losses.recent, wait=True, **last)
@@ -294,17 +308,19 @@ def _stop(args, where: str, saved: str) -> None:
 
 
 def main(args) -> int:
+    determinism_note = determinism.configure(args.deterministic)
     dist_utils.init_distributed_mode(args)
     output_lock, stale = _claim_output_dir(args)  # noqa: F841 (the lock is held until the process ends)
     setup_logging(args.output_dir, dist_utils.get_rank(), args.debug)
     if stale:
         logger.info("Removed %d temporary file(s) of interrupted saves: %s", len(stale), ", ".join(stale))
     device = torch.device(args.device)
-    amp_dtype = autocast_dtype(args.amp, args.amp_dtype, device.type)
+    chosen = precision.choose(args.amp, args.amp_dtype, device.type)
+    amp_dtype = chosen.dtype
     _seed_everything(args.seed + dist_utils.get_rank())
-    run_record = environment.run_record(dist_utils.get_world_size())
+    run_record = {**environment.run_record(dist_utils.get_world_size()), "precision": chosen.name}
     if dist_utils.is_main_process():
-        _write_header(args, run_record)
+        _write_header(args, run_record, chosen, determinism_note)
     dataset_val = build_dataset("val", args)  # both splits are checked before anything else takes time
     dataset_train = None if args.eval else build_dataset("train", args)
     base_ds = get_coco_api_from_dataset(dataset_val)
@@ -313,6 +329,7 @@ def main(args) -> int:
 
     model, criterion, postprocessors = build_model_main(args)
     model.to(device)
+    dist_utils.broadcast_state([*model.parameters(), *model.buffers()])  # every process starts from rank 0's
     args.n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("number of trainable parameters: %d (total %d)", args.n_parameters,
                 sum(p.numel() for p in model.parameters()))
@@ -326,7 +343,7 @@ def main(args) -> int:
     iterations = optimizer_steps_per_epoch(len(train_loader), args.accumulate_steps)  # counts optimizer steps
     max_iters = 10 if args.debug else None
     optimizer = _optimizer(model, args)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    scaler = torch.amp.GradScaler("cuda") if chosen.needs_scaler else None
     ema = None
     if args.use_ema:
         ema = build_ema(model, args.ema_decay, args.ema_warmup_iters)
@@ -343,11 +360,6 @@ def main(args) -> int:
     resume.position_scheduler(state.scheduler, position.scheduler_steps)
     per_iteration = args.lr_scheduler == "onecycle"
 
-    model_without_ddp = model
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == "cuda" else None,
-            find_unused_parameters=args.find_unused_params)
     if args.output_dir and dist_utils.is_main_process():
         run_dir.truncate_log(args.output_dir, position.pending["epoch"] if position.pending else position.epoch)
     interrupt.install()
@@ -371,12 +383,16 @@ def main(args) -> int:
                            after_batch=after_batch)
         results = os.path.join(args.output_dir, "eval", f"results{epoch:04d}.json") \
             if args.save_results and args.output_dir else None
+        # Each process evaluates its share with rank 0's batch-norm statistics, those a checkpoint holds.
+        dist_utils.broadcast_state([*model.buffers(), *(ema.buffers() if ema is not None else ())])
         try:
-            test_stats, _ = evaluate(model_without_ddp, criterion, postprocessors, val_loader, base_ds, device,
+            test_stats, _ = evaluate(model, criterion, postprocessors, val_loader, base_ds, device,
                                      results_file=results, **eval_kwargs)
         except NonFiniteOutputError as e:
-            raise NonFiniteOutputError(f"epoch {epoch}: {e}; {ckpt.LATEST} holds that diverged epoch: restart from "
-                                       "an earlier numbered checkpoint with a lower lr") from None
+            diverged = NonFiniteOutputError(f"epoch {epoch}: {e}; {ckpt.LATEST} holds that diverged epoch: restart "
+                                            "from an earlier numbered checkpoint with a lower lr")
+            diverged.__dict__.update(vars(e))  # which process met it
+            raise diverged from None
         log_stats = {**{f"train_{k}": v for k, v in Meters(train_meters).averages().items()},
                      **{f"test_{k}": v for k, v in test_stats.items()}}
         candidates = [("regular", test_stats)]
@@ -453,7 +469,9 @@ def main(args) -> int:
                             short_last_step=train_sampler.ends_short(),
                             lr_factor=linear_warmup(args.lr_warmup_iters, epoch * iterations))
         except Exception as e:
-            if not isinstance(e, (FloatingPointError, ckpt.CheckpointWriteError, interrupt.TrainingInterrupted)):
+            together = dist_utils.get_world_size() == 1 or hasattr(e, "rank") or isinstance(e, OutOfMemoryStop)
+            if together and not isinstance(e, (FloatingPointError, ckpt.CheckpointWriteError,
+                                               interrupt.TrainingInterrupted)):
                 _save_before_failure(args, state, epoch, last, best, losses)
             raise
         samples_done, epoch_samples = 0, None
@@ -498,8 +516,8 @@ def cli(argv=None) -> int:
                          f"{str(e).splitlines()[0]}", 1, args)
         if "--debug" in argv:
             raise
-        return _fail(f"unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                     f"{_traceback_to_info(args)}", 1, args)
+        return _fail(f"unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", 1, args,
+                     hint=_traceback_to_info(args))
 
 
 def _lost_contact(error: Exception) -> bool:
@@ -522,8 +540,12 @@ def _traceback_to_info(args) -> str:
     return f" (traceback in {info}; --debug prints it)"
 
 
-def _fail(message: str, code: int, args) -> int:
+def _fail(message: str, code: int, args, hint: str = "") -> int:
     rank = dist_utils.get_rank()
+    failed = getattr(sys.exc_info()[1], "rank", rank)  # an error another process met (check_together)
+    if failed != rank:
+        message += f" (on process {failed})"
+    message += hint
     line = f"error: {message}" if rank == 0 else f"[rank {rank}] error: {message}"
     info = os.path.join(args.output_dir, "info.txt") if args is not None and args.output_dir else ""
     if rank == 0 and info and os.path.exists(info):

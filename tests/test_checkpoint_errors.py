@@ -113,7 +113,7 @@ def test_explicit_start_epoch_wins_and_positions_the_schedule(data, one_epoch, t
     assert "--start_epoch 2 overrides the checkpoint's epoch 1" in proc.stdout
     log = read_log(tmp_path)
     assert [e["epoch"] for e in log] == [2]
-    assert log[0]["train_lr"] == pytest.approx(7e-4 * 0.1 ** 2)  # StepLR(lr_drop=1) after two epochs
+    assert log[0]["train_lr"] == pytest.approx(5e-4 * 0.1 ** 2)  # StepLR(lr_drop=1) after two epochs
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):

@@ -1,6 +1,7 @@
 """Real engines: torchrun with two CPU processes (gloo), and submitit's local executor with preemption."""
 import json
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -12,16 +13,29 @@ import torch
 
 from datasets.sampler import GlobalBatchSampler
 from datasets.synthetic import ensure_synthetic_coco
-from runner import ROOT, TINY_OPTIONS, popen_main, read_log, run_main, wait_for_line
+from runner import ROOT, TINY_OPTIONS, assert_same_training, popen_main, read_log, run_main, wait_for_line
 
 
-def _torchrun(data, out, *extra, options=()):
+def _torchrun(data, out, *extra, options=(), faults=None):
+    """main.py on 2 processes; `faults`: a DINO_FAULTS plan (util/faults.py)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "main.py"), "-c", "config/DINO/DINO_demo.py", "--coco_path", str(data), "--output_dir",
            str(out), "--num_workers", "0", "--save_log", "--no-amp", *extra, "--options", *TINY_OPTIONS, "synthetic_num_train=24",
            "epochs=3", *options]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"DINO_FAULTS": json.dumps(faults)} if faults else {})}
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+
+
+def _finish(proc, timeout=300):
+    """(exit code, output) of a process group that must end by itself within timeout: a wait in a collective
+    for a process that stopped would not."""
+    try:
+        output = proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"still running after {timeout} s: {proc.communicate()[0][-3000:]}") from None
+    return proc.returncode, output
 
 
 def test_a_mid_epoch_checkpoint_continues_on_any_number_of_processes(tmp_path):
@@ -150,9 +164,9 @@ samples = [(torch.randn(3, 64, 40 + 8 * i, generator=generator),
               "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.2 + 0.1 * i], [0.3, 0.6, 0.2, 0.2]])}}) for i in range(3)]
 batches = [collate_fn([samples[i] for i in batch]) for batch in {layout}[rank]]
 before = {{f"before {{k}}": v.detach().clone() for k, v in model.named_parameters()}}
-net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-stats = train_one_epoch(net, criterion, batches, torch.optim.SGD(model.parameters(), lr=1.0), "cpu", 0, steps=1,
-                        accumulate_steps=len(batches), short_last_step=world > 1)
+scaler = torch.amp.GradScaler("cpu", init_scale=4.0) if {scaler} else None  # float16's, as on CUDA
+stats = train_one_epoch(model, criterion, batches, torch.optim.SGD(model.parameters(), lr=1.0), "cpu", 0, steps=1,
+                        accumulate_steps=len(batches), short_last_step=world > 1, scaler=scaler)
 if rank == 0:
     torch.save({{"loss": stats["loss"], **before, **dict(model.named_parameters())}}, {out!r})
 if world > 1:  # a process that exits with gloo still set up can abort in its teardown
@@ -160,9 +174,10 @@ if world > 1:  # a process that exits with gloo still set up can abort in its te
 """
 
 
-def _uneven_step(tmp_path, name, layout):
+def _uneven_step(tmp_path, name, layout, scaler=False):
     script, out = tmp_path / f"{name}.py", tmp_path / f"{name}.pt"
-    script.write_text(UNEVEN_STEP.format(root=str(ROOT), tests=str(ROOT / "tests"), layout=layout, out=str(out)))
+    script.write_text(UNEVEN_STEP.format(root=str(ROOT), tests=str(ROOT / "tests"), layout=layout, out=str(out),
+                                         scaler=scaler))
     launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(layout)}"]
     launch = launch if len(layout) > 1 else []
     proc = subprocess.run([sys.executable, *launch, str(script)], cwd=tmp_path, stdout=subprocess.PIPE,
@@ -171,14 +186,17 @@ def _uneven_step(tmp_path, name, layout):
     return torch.load(out, weights_only=True)
 
 
-@pytest.mark.parametrize("ranks, alone", [([[[0, 1]], [[2]]], [[[0, 1], [2]]]),
-                                          ([[[0]], [[]]], [[[0]]]),
-                                          ([[[0], [1]], [[2], []]], [[[0], [1], [2]]])],
-                         ids=["2+1 images", "1+0 images", "accumulated 2+1 images"])
-def test_a_shorter_last_step_spread_unevenly_trains_like_one_process(tmp_path, ranks, alone):
+@pytest.mark.parametrize("ranks, alone, scaler", [([[[0, 1]], [[2]]], [[[0, 1], [2]]], False),
+                                                  ([[[0]], [[]]], [[[0]]], False),
+                                                  ([[[0]], [[]]], [[[0]]], True),
+                                                  ([[[0], [1]], [[2], []]], [[[0], [1], [2]]], False)],
+                         ids=["2+1 images", "1+0 images", "1+0 images, loss scaler", "accumulated 2+1 images"])
+def test_a_shorter_last_step_spread_unevenly_trains_like_one_process(tmp_path, ranks, alone, scaler):
     """The step that ends an epoch continued on another layout: 2 processes hold different numbers of images,
-    or one holds none (an empty batch). Its update and loss equal one process's step over the same batches."""
-    uneven, reference = _uneven_step(tmp_path, "uneven", ranks), _uneven_step(tmp_path, "alone", alone)
+    or one holds none (an empty batch). Its update and loss equal one process's step over the same batches.
+    With float16's loss scaler too: a process with no images never scales a loss, yet must unscale."""
+    uneven = _uneven_step(tmp_path, "uneven", ranks, scaler)
+    reference = _uneven_step(tmp_path, "alone", alone, scaler)
     assert uneven["loss"] == pytest.approx(reference["loss"], rel=1e-6)
     names = [k for k in reference if k != "loss" and not k.startswith("before ")]
     moved = [k for k in names if not torch.equal(reference[k], reference[f"before {k}"])]
@@ -258,3 +276,81 @@ def test_submitit_local_preemption_requeues_and_continues_a_fine_tune_mid_epoch(
                                  text).groups()
     assert int(epoch) >= 2 and int(iteration) > 0  # continued mid-epoch, not from the last epoch end
     assert f"epoch {epoch}, iteration {iteration} of 8" in text
+
+
+def _two_nodes(data, cwds, *extra):
+    """main.py as processes 0 and 1 of one run, each in its own working directory: two nodes that do not share
+    the relative --output_dir out. Returns each one's (exit code, output)."""
+    port = 29500 + os.getpid() % 2000
+    procs = []
+    for rank, cwd in enumerate(cwds):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        cmd = [sys.executable, str(ROOT / "main.py"), "-c", str(ROOT / "config/DINO/DINO_demo.py"), "--coco_path",
+               str(data), "--output_dir", "out", "--num_workers", "0", "--no-amp", *extra,
+               "--options", *TINY_OPTIONS, "epochs=2"]
+        procs.append(subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      env=env, start_new_session=True))
+    return [_finish(proc, timeout=120) for proc in procs]
+
+
+def test_every_process_starts_from_the_checkpoint_process_0_chose_or_the_run_stops(data, tmp_path):
+    """Process 0's output_dir holds an interrupted run; process 1's holds nothing, then another run's file.
+    Both stop before training, each with one line that names the node, the path and the fix."""
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    run_main(data, node0 / "out", options=["epochs=1"])
+    node1.mkdir()
+    results = _two_nodes(data, [node0, node1])
+    assert [code for code, _ in results] == [2, 2], results[1][1][-3000:]
+    missing = (f"node {platform.node()} cannot read out/checkpoint.pth, which process 0 starts from (checkpoint "
+               "out/checkpoint.pth does not exist): output_dir must be shared between the nodes, or the checkpoint "
+               "given to every node")
+    assert results[0][1].strip().splitlines()[-1] == f"error: {missing} (on process 1)", results[0][1][-3000:]
+    assert results[1][1].strip().splitlines()[-1] == f"[rank 1] error: {missing}", results[1][1][-3000:]
+    assert "Traceback" not in results[0][1] + results[1][1]
+
+    run_main(data, node1 / "out", options=["epochs=1", "lr=1e-4"])  # another run, at the same path
+    results = _two_nodes(data, [node0, node1])
+    assert [code for code, _ in results] == [2, 2], results[1][1][-3000:]
+    assert results[0][1].strip().splitlines()[-1] == (
+        f"error: node {platform.node()} reads another file at out/checkpoint.pth than process 0 does: output_dir "
+        "must be shared between the nodes, or the same checkpoint given to every node (on process 1)")
+    assert len(read_log(node0 / "out")) == 1  # nothing trained
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("nan", "epoch 0: the evaluated model gives non-finite scores or boxes for image id"),
+    ("error", "unexpected OSError: injected failure at eval_batch")])
+def test_a_process_failing_alone_in_evaluation_stops_every_process(tmp_path, fault, message):
+    """Process 1's predictions diverge, or its file is broken, in its 2nd evaluation batch: every process ends
+    at once with that error, instead of waiting in a collective for the one that stopped."""
+    proc = _torchrun(tmp_path / "data", tmp_path / "out", options=["epochs=1"],
+                     faults=[{"at": "eval_batch", "rank": 1, "call": 2, "error": fault}])
+    code, output = _finish(proc, timeout=120)
+    assert code != 0
+    errors = [line for line in output.splitlines() if "error: " in line and "elastic" not in line]
+    assert len(errors) == 2 and all(message in line for line in errors), output[-3000:]
+    assert any(line.startswith("error: ") and line.endswith(" (on process 1)") for line in errors), errors
+    assert any(line.startswith("[rank 1] error: ") for line in errors), errors
+    assert torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=True)["eval_pending"]  # training kept
+
+
+def test_a_step_failing_on_one_process_saves_every_process_state_and_the_rerun_ends_the_same(tmp_path):
+    """Process 1 cannot load its share of iteration 3 (a broken file): every process saves the state after
+    iteration 2 and stops; the same command, rerun once the file is mended, ends bit-identical to a run
+    that never failed."""
+    data = tmp_path / "data"
+    reference = _torchrun(data, tmp_path / "reference", options=["epochs=1"])
+    assert _finish(reference)[0] == 0
+    failing = _torchrun(data, tmp_path / "run", options=["epochs=1"],
+                        faults=[{"at": "forward", "rank": 1, "call": 3, "error": "error"}])
+    code, output = _finish(failing)
+    assert code == 1, output[-3000:]
+    assert "a training step failed after epoch 0 iteration 2: saved" in output, output[-3000:]
+    assert "error: unexpected OSError: injected failure at forward (on process 1)" in output
+    saved = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
+    assert (saved["epoch"], saved["iteration"], len(saved["rng"])) == (-1, 2, 2)
+    rerun = _torchrun(data, tmp_path / "run", options=["epochs=1"])
+    code, output = _finish(rerun)
+    assert code == 0 and "epoch 0, iteration 2 of 6" in output, output[-3000:]
+    assert_same_training(tmp_path / "reference", tmp_path / "run")

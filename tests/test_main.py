@@ -30,7 +30,7 @@ def test_training_writes_every_documented_file(trained):
         assert len(entry["test_coco_eval_bbox"]) == 12
         assert entry["n_parameters"] > 0 and entry["epoch_time"] > 0
         assert {"train_loss", "train_lr", "train_loss_ce", "train_loss_bbox_dn", "test_loss"} <= set(entry)
-    assert log[0]["train_lr"] == pytest.approx(7e-4) and log[1]["train_lr"] == pytest.approx(7e-5)  # lr_drop=1
+    assert log[0]["train_lr"] == pytest.approx(5e-4) and log[1]["train_lr"] == pytest.approx(5e-5)  # lr_drop=1
     checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
     assert checkpoint["epoch"] == 1 and checkpoint["iteration"] == 0
     assert isinstance(checkpoint["args"], dict) and checkpoint["args"]["hidden_dim"] == 32

@@ -26,42 +26,10 @@ BATCH_INDEPENDENT = ["use_dn=False", "backbone_norm=gn", "epochs=1"]
 ACCUMULATED = BATCH_INDEPENDENT + ["batch_size=2", "accumulate_steps=4"]  # 16 images: 2 steps of 4 x 2
 ONE_BATCH = BATCH_INDEPENDENT + ["batch_size=8"]  # the same effective batches in one piece
 
-# main.py whose model runs out of memory in the training forwards for which {fails} holds (of `forwards`, their
-# count, and `images`): the error CUDA raises, thrown before any work, so the retried step is the only change.
-INJECT_OOM = """
-import sys
-sys.path.insert(0, {root!r})
-import torch
-import main
-
-real_build = main.build_model_main
-forwards = 0
-
-
-def build_model_main(args):
-    model, criterion, postprocessors = real_build(args)
-    real_forward = model.forward
-
-    def forward(samples, targets=None):
-        global forwards
-        if model.training:
-            forwards, images = forwards + 1, len(samples.tensors)
-            if {fails}:
-                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real_forward(samples, targets)
-    model.forward = forward
-    return model, criterion, postprocessors
-
-
-main.build_model_main = build_model_main
-sys.exit(main.cli())
-"""
-
-
-def _run_injected(data, out, fails, tmp_path):
-    script = tmp_path / "oom_main.py"
-    script.write_text(INJECT_OOM.format(root=str(ROOT), fails=fails))
-    proc = popen_main(data, out, script=str(script), options=ONE_BATCH)
+def _run_injected(data, out, faults):
+    """main.py with a DINO_FAULTS plan (util/faults.py): its errors are thrown before any work of their pass,
+    so the retried step is the only change."""
+    proc = popen_main(data, out, options=ONE_BATCH, env={"DINO_FAULTS": json.dumps(faults)})
     output = proc.communicate(timeout=300)[0]
     return proc.returncode, output
 
@@ -76,7 +44,7 @@ def _assert_same_up_to_rounding(ref_dir, other_dir):
     ref, other = _parameters(ref_dir), _parameters(other_dir)
     assert ref.keys() == other.keys()
     differences = torch.cat([(ref[k].float() - other[k].float()).abs().flatten() for k in ref])
-    assert (differences > 1e-5).float().mean() < 1e-4 and differences.max() <= 2 * 7e-4  # the demo's lr
+    assert (differences > 1e-5).float().mean() < 1e-4 and differences.max() <= 2 * 5e-4  # the demo's float32 lr
     ref_log, other_log = read_log(ref_dir)[0], read_log(other_dir)[0]
     train_keys = [k for k in ref_log if k.startswith("train_")]
     assert len(train_keys) > 10 and set(train_keys) == {k for k in other_log if k.startswith("train_")}
@@ -137,24 +105,27 @@ def test_sigterm_inside_accumulation_resumes_bit_exactly(data, tmp_path):
 
 
 def test_out_of_memory_retries_the_step_in_halves_and_trains_the_same(data, one_batch, tmp_path):
-    code, output = _run_injected(data, tmp_path / "out", "images > 1 and forwards == 2", tmp_path)
+    code, output = _run_injected(data, tmp_path / "out", [{"at": "forward", "call": 2, "error": "oom"}])
     assert code == 0, output[-3000:]
     assert ("out of memory at epoch 0 iteration 1 with batch 8: retrying as 2 micro-batches of 4 image(s)"
             in output)
     _assert_same_up_to_rounding(one_batch, tmp_path / "out")
 
 
-def test_out_of_memory_on_one_of_two_processes_makes_both_retry_and_train_the_same(data, one_batch, tmp_path):
-    """torchrun, 2 processes of batch 4: the same steps of 8 images as one process of batch 8. Only rank 0 runs
-    out of memory, in the forward whose backward synchronises gradients; both must switch to micro-batches."""
-    script = tmp_path / "oom_main.py"
-    script.write_text(INJECT_OOM.format(root=str(ROOT), fails="images > 1 and forwards == 2 and "
-                                                              "torch.distributed.get_rank() == 0"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "-c",
-           DEMO, "--coco_path", str(data), "--output_dir", str(tmp_path / "out"), "--num_workers", "0", "--no-amp",
-           "--options", *TINY_OPTIONS, *BATCH_INDEPENDENT, "batch_size=4"]
+@pytest.mark.parametrize("fault", [{"at": "forward", "rank": 0, "call": 2, "error": "oom"},
+                                   {"at": "backward", "rank": 1, "call": 2, "error": "oom"}],
+                         ids=["forward of process 0", "backward of process 1"])
+def test_out_of_memory_on_one_of_two_processes_makes_both_retry_and_train_the_same(data, one_batch, tmp_path,
+                                                                                    fault):
+    """torchrun, 2 processes of batch 4: the same steps of 8 images as one process of batch 8. One process runs
+    out of memory in its 2nd step's forward, or in the middle of its backward (raised by autograd); both must
+    switch to micro-batches, and no process may wait in a collective for the other."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "main.py"),
+           "-c", DEMO, "--coco_path", str(data), "--output_dir", str(tmp_path / "out"), "--num_workers", "0",
+           "--no-amp", "--options", *TINY_OPTIONS, *BATCH_INDEPENDENT, "batch_size=4"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "DINO_FAULTS": json.dumps([fault])},
+                            start_new_session=True)
     try:
         output = proc.communicate(timeout=180)[0]
     except subprocess.TimeoutExpired:  # the processes disagreed and wait for each other
@@ -166,7 +137,7 @@ def test_out_of_memory_on_one_of_two_processes_makes_both_retry_and_train_the_sa
 
 
 def test_out_of_memory_with_one_image_stops_with_a_clear_error(data, tmp_path):
-    code, output = _run_injected(data, tmp_path / "out", "True", tmp_path)
+    code, output = _run_injected(data, tmp_path / "out", [{"at": "forward", "error": "oom"}])
     assert code == 1
     assert "retrying as 8 micro-batches of 1 image(s)" in output
     error = output.strip().splitlines()[-1]
@@ -183,24 +154,28 @@ def test_bfloat16_run_on_cpu_completes_an_epoch_with_finite_losses(data, tmp_pat
     assert 0 < log[0]["train_loss"] < 100
 
 
-def test_the_demo_trains_under_bfloat16_autocast_and_no_amp_turns_it_off(data, tmp_path):
-    """DINO_demo.py turns --amp on through cli_defaults; --no-amp on the command line wins."""
+def test_the_demo_turns_amp_on_and_no_amp_turns_it_off(data, tmp_path):
+    """DINO_demo.py turns --amp on through cli_defaults, with the precision this CPU runs fast; --no-amp on the
+    command line wins."""
     run_main(data, tmp_path / "amp", options=["epochs=1"], precision=())
     run_main(data, tmp_path / "no-amp", "--no-amp", options=["epochs=1"])
-    assert "| precision: bfloat16 autocast (--amp)" in (tmp_path / "amp" / "info.txt").read_text()
-    assert "| precision: float32" in (tmp_path / "no-amp" / "info.txt").read_text()
+    amp_header = (tmp_path / "amp" / "info.txt").read_text()
+    assert ("| precision: bfloat16 autocast: this CPU runs it natively" in amp_header
+            or "| precision: float32: this CPU emulates bfloat16" in amp_header), amp_header[:2000]
+    assert "| precision: float32 (--amp is off)" in (tmp_path / "no-amp" / "info.txt").read_text()
     assert json.loads((tmp_path / "amp" / "config_args_all.json").read_text())["amp"] is True
     assert json.loads((tmp_path / "no-amp" / "config_args_all.json").read_text())["amp"] is False
     losses = [read_log(tmp_path / name)[0]["train_loss"] for name in ("amp", "no-amp")]
-    assert losses[0] != losses[1] and all(0 < loss < 100 for loss in losses)
+    assert all(0 < loss < 100 for loss in losses)
+    assert (losses[0] != losses[1]) == ("bfloat16 autocast" in amp_header)
 
 
 def test_float16_on_cpu_is_a_clear_error(data, tmp_path):
     proc = run_main(data, tmp_path, "--amp", options=["epochs=1", "amp_dtype=float16"], check=False)
     assert proc.returncode == 2
     assert proc.stdout.strip().splitlines()[-1] == (
-        "error: --amp with amp_dtype=float16 needs CUDA, and the device is cpu: use --options amp_dtype=bfloat16 "
-        "for mixed precision on it")
+        "error: --amp with amp_dtype=float16 needs CUDA, and the device is cpu: use --options amp_dtype=auto "
+        "(bfloat16 where this CPU runs it natively)")
 
 
 def test_bfloat16_training_learns_a_fixed_batch_with_float32_losses():
@@ -267,8 +242,8 @@ def test_linear_warmup_factors():
 def test_warm_ups_of_the_lr_and_the_ema_resume_bit_exactly_after_sigterm(data, tmp_path):
     options = ["epochs=1", "use_ema=True", "ema_decay=0.99", "ema_warmup_iters=4", "lr_warmup_iters=6"]
     run_main(data, tmp_path / "reference", options=options)
-    # 8 steps, the first 6 at 1/6, 2/6, ... 6/6 of the demo's lr 7e-4: the logged mean lr says they ran so.
-    assert read_log(tmp_path / "reference")[0]["train_lr"] == pytest.approx(7e-4 * (21 / 6 + 2) / 8)
+    # 8 steps, the first 6 at 1/6, 2/6, ... 6/6 of the demo's float32 lr 5e-4: the logged mean lr says they ran so.
+    assert read_log(tmp_path / "reference")[0]["train_lr"] == pytest.approx(5e-4 * (21 / 6 + 2) / 8)
     _stopped_by_sigterm_and_resumed(data, tmp_path / "run", options, done=3)  # the warm-up spans steps 1-6
     assert_same_training(tmp_path / "reference", tmp_path / "run")
     ref, resumed = (torch.load(d / "checkpoint.pth", weights_only=True)["ema_model"]

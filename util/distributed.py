@@ -1,7 +1,9 @@
 """The one place that knows about processes: initialisation (torchrun, SLURM, submitit) and small collectives."""
 import logging
 import os
+import pickle
 import subprocess
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -43,6 +45,71 @@ def any_rank(flag: bool) -> bool:
         return flag
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
     return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0)
+
+
+def all_reduce_max(value: int) -> int:
+    if not is_dist_avail_and_initialized():
+        return value
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+class RankFailed(RuntimeError):
+    """Another process of the run failed (its error could not be sent as it is): the message is its error."""
+
+
+def check_together(error: Optional[BaseException], retryable=lambda e: False) -> bool:
+    """Call where every process passes, with the error this process met since the last such point (or None).
+    Returns True when some processes failed and all of those failures are retryable (all retry together);
+    raises on every process when any failed otherwise: the error of the first process that failed, so that
+    no process waits in a collective for one that stopped. Its `rank` attribute names that process."""
+    status = 0 if error is None else 1 if retryable(error) else 2
+    if not is_dist_avail_and_initialized():
+        if status == 2:
+            raise error
+        return status == 1
+    worst = all_reduce_max(status)
+    if worst < 2:
+        return worst == 1
+    errors = all_gather_object(_sendable(error) if status == 2 else None)
+    rank = next(r for r, e in enumerate(errors) if e is not None)
+    failure = error if rank == get_rank() else errors[rank]
+    failure.rank = rank
+    raise failure
+
+
+def _sendable(error: BaseException) -> BaseException:
+    """The error itself when it survives pickling (all_gather_object pickles), else its text."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RankFailed(f"{type(error).__name__}: {error}")
+
+
+def broadcast_object(obj):
+    """Rank 0's obj on every rank."""
+    if not is_dist_avail_and_initialized():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def broadcast_state(tensors) -> None:
+    """Rank 0's values of these tensors (parameters, buffers) on every rank, in place: what DDP does when it
+    wraps a model (parameters and buffers) and before each step's first forward (buffers)."""
+    tensors = list(tensors)
+    if get_world_size() < 2 or not tensors:
+        return
+    for dtype in sorted({t.dtype for t in tensors}, key=str):  # one broadcast per dtype, as DDP's buckets
+        group = [t for t in tensors if t.dtype == dtype]
+        flat = torch.cat([t.detach().reshape(-1) for t in group])
+        dist.broadcast(flat, src=0)
+        for tensor, value in zip(group, flat.split([t.numel() for t in group])):
+            tensor.data.copy_(value.view_as(tensor))
 
 
 def all_gather_object(obj) -> list:

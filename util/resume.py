@@ -8,6 +8,7 @@ the explicit source; a different starting point, or --no_auto_resume, starts ove
 import logging
 import math
 import os
+import platform
 import shutil
 import warnings
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ ARCHITECTURE_KEYS = ('modelname', 'backbone', 'backbone_norm', 'return_interm_in
 # Changing one of these is allowed on resume but worth a line in the log.
 HYPERPARAMETER_KEYS = ('lr', 'lr_backbone', 'weight_decay', 'batch_size', 'lr_scheduler', 'lr_drop', 'lr_drop_list',
                        'lr_warmup_iters', 'clip_max_norm', 'epochs', 'use_ema', 'ema_decay', 'ema_warmup_iters', 'amp',
-                       'amp_dtype', 'accumulate_steps', 'seed', 'dataset_file', 'coco_path', 'early_stop_patience')
+                       'amp_dtype', 'deterministic', 'accumulate_steps', 'seed', 'dataset_file', 'coco_path', 'early_stop_patience')
 
 
 def architecture_differences(saved: dict, current: dict) -> List[str]:
@@ -84,7 +85,53 @@ class Start:
 
 
 def choose_start(args) -> Start:
-    """Apply the rule above, logging the decision; a damaged explicit source is an error."""
+    """Rank 0 applies the rule above and logs the decision; every other process then reads the same file and
+    checks that it is the same (nodes that do not share output_dir would otherwise start from different
+    states and diverge). A damaged explicit source is an error."""
+    start, error = None, None
+    if dist_utils.is_main_process():
+        try:
+            start = _choose(args)
+        except Exception as e:
+            error = e
+    dist_utils.check_together(error)
+    kind, path, record = dist_utils.broadcast_object(
+        (start.kind, os.path.relpath(start.path, args.output_dir) if start.kind == "continue" else start.path,
+         _identity(start)) if start else None)
+    if start is None:
+        try:
+            start = _same_start(args, kind, path, record)
+        except CheckpointError as e:
+            error = e
+    dist_utils.check_together(error)
+    return start
+
+
+def _identity(start: Start):
+    """What tells two copies of the start's file apart: its size and integrity record (every record's CRC-32)."""
+    if start.kind == "scratch":
+        return None
+    return os.path.getsize(start.path), (start.checkpoint.get("integrity") or {}).get("members")
+
+
+def _same_start(args, kind: str, path: str, record) -> Start:
+    """This process's copy of rank 0's starting file (path relative to output_dir for 'continue')."""
+    if kind == "scratch":
+        return Start("scratch")
+    local = os.path.join(args.output_dir, path) if kind == "continue" else path
+    where = f"node {platform.node()}"
+    try:
+        start = Start(kind, local, load_checkpoint(local))
+    except CheckpointError as e:
+        raise CheckpointError(f"{where} cannot read {local}, which process 0 starts from ({e}): output_dir must be "
+                              "shared between the nodes, or the checkpoint given to every node") from None
+    if _identity(start) != record:
+        raise CheckpointError(f"{where} reads another file at {local} than process 0 does: output_dir must be shared "
+                              "between the nodes, or the same checkpoint given to every node")
+    return start
+
+
+def _choose(args) -> Start:
     origin = run_origin(args)
     own = _newest_intact_checkpoint(args.output_dir) if args.output_dir else None
     if own and args.no_auto_resume:

@@ -24,9 +24,11 @@ accumulate_steps = 1
 # A run continued on another number of processes keeps its global batch by changing accumulate_steps when it
 # divides evenly (2 processes x batch 2 continued on 1 process accumulate 2 batches); False: as configured.
 keep_global_batch = True
-# Mixed precision dtype of --amp: "float16" (CUDA only, with a loss scaler) or "bfloat16" (CUDA or CPU).
+# Mixed precision dtype of --amp: "auto" (bfloat16 where the device runs it natively; else float16 with a loss
+# scaler on CUDA, float32 on a CPU), "float16" (CUDA only) or "bfloat16" (CUDA or CPU, slow where emulated).
 # The deformable attention's sampling, the matcher and the losses always run in float32.
-amp_dtype = "float16"
+amp_dtype = "auto"
+float32_recipe = {}  # config keys that replace their values when the run computes in float32
 use_ema = False
 ema_decay = 0.9997
 ema_warmup_iters = 0  # 0: fixed decay (official); N: decay * (1 - exp(-step / N)), as RT-DETR and YOLO (2000)

@@ -27,17 +27,22 @@ def multi_scale_deformable_attn(value: Tensor, spatial_shapes: Shapes, sampling_
     ms_deform_attn_core_pytorch: points outside the map read zeros (grid_sample, zero padding,
     align_corners=False). Half-precision inputs (autocast) are sampled and summed in float32, the output cast
     back to value's dtype: bilinear weights and the sum over levels and points in bfloat16 lose precision.
-    On CPU the core is a sparse product (_SparseCore); on CUDA and under exporters and compilers, grid_sample's
-    kernels (the sparse path has not been measured on a GPU).
+    On CPU, and on CUDA under torch.use_deterministic_algorithms (main.py's --deterministic), the core is a
+    sparse product (_SparseCore), whose backward sums in a fixed order; otherwise, and under exporters and
+    compilers, grid_sample's kernels, whose CUDA backward accumulates with atomics (not run-to-run identical).
     """
     if any(t.dtype in (torch.float16, torch.bfloat16) for t in (value, sampling_locations, attention_weights)):
         with torch.autocast(value.device.type, enabled=False):
             return multi_scale_deformable_attn(value.float(), spatial_shapes, sampling_locations.float(),
                                                attention_weights.float()).to(value.dtype)
     shapes = _as_list(spatial_shapes)
-    if value.device.type == "cpu" and not _tracing():
+    if uses_sparse_core(value.device) and not _tracing():
         return _SparseCore.apply(value, shapes, sampling_locations, attention_weights)
     return _grid_sample_core(value, shapes, sampling_locations, attention_weights)
+
+
+def uses_sparse_core(device: torch.device) -> bool:
+    return device.type == "cpu" or torch.are_deterministic_algorithms_enabled()
 
 
 def _tracing() -> bool:

@@ -1,0 +1,49 @@
+"""Faults injected at named points of a run, so that tests can check what a failure leaves behind without
+patching modules. Planned by the environment variable DINO_FAULTS, a JSON list; unset, nothing happens:
+
+    DINO_FAULTS='[{"at": "backward", "rank": 1, "call": 2, "error": "oom"}]'
+
+makes process 1 raise torch.OutOfMemoryError the 2nd time it passes "backward". Points: "forward" and
+"backward" (inside autograd's backward pass) of every training micro-batch, "eval_batch" of every evaluation
+batch. Errors: "oom", "error" (an OSError, as a broken file gives), "nan" (the point's values become NaN).
+"rank" and "call" may be left out: every process, every pass."""
+import collections
+import json
+import os
+from typing import Optional
+
+import torch
+
+from util import distributed as dist_utils
+
+_PLAN = json.loads(os.environ.get("DINO_FAULTS") or "[]")
+_passes = collections.Counter()
+
+
+def _planned(point: str) -> Optional[str]:
+    """The error planned for this pass of `point` by this process, or None."""
+    if not _PLAN:
+        return None
+    _passes[point] += 1
+    for fault in _PLAN:
+        if (fault["at"] == point and fault.get("rank", dist_utils.get_rank()) == dist_utils.get_rank()
+                and fault.get("call", _passes[point]) == _passes[point]):
+            return fault["error"]
+    return None
+
+
+def check(point: str) -> Optional[str]:
+    """Raise the error planned for this pass of `point`; returns "nan" when that is planned (the caller spoils
+    its values), else None."""
+    error = _planned(point)
+    if error == "oom":
+        raise torch.OutOfMemoryError(f"CUDA out of memory (injected at {point})")
+    if error == "error":
+        raise OSError(f"injected failure at {point}")
+    return error
+
+
+def arm_backward(loss: torch.Tensor) -> None:
+    """Check "backward" when autograd reaches `loss` in the backward pass."""
+    if _PLAN and loss.requires_grad:
+        loss.register_hook(lambda grad: check("backward"))
