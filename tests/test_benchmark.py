@@ -158,6 +158,8 @@ def test_demo_times_each_revision_to_the_target_aps(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     demo = json.loads((tmp_path / "demo.json").read_text())["demo"]
     assert [r["revision"] for r in demo["runs"]] == ["ours", "HEAD"]
+    assert demo["cpu"]["bfloat16"] in ("native", "emulated") and demo["cpu"]["capability"] in proc.stdout
+    assert f"bfloat16 {demo['cpu']['bfloat16']} (" in proc.stdout  # the row names the kind of CPU
     rows = table_rows(proc.stdout)
     for run in demo["runs"]:
         assert [e["epoch"] for e in run["epochs"]] == [0]

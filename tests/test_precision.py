@@ -6,9 +6,12 @@ import sys
 import pytest
 import torch
 
+from models import build_model
 from models.ops import ms_deform_attn
 from runner import DEMO, ROOT, TINY_OPTIONS
+from tiny import tiny_args
 from util import precision
+from util.misc import nested_tensor_from_tensor_list
 
 NATIVE, EMULATED = (lambda: 0.6), (lambda: 55.0)  # bfloat16's time over float32's, as measured on each kind
 EMULATE_ON_THIS_CPU = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
@@ -103,3 +106,19 @@ def test_the_attention_core_is_deterministic_where_asked(device, deterministic, 
         assert ms_deform_attn.uses_sparse_core(torch.device(device)) == sparse
     finally:
         torch.use_deterministic_algorithms(before)
+
+
+def test_a_training_step_on_cpu_needs_no_non_deterministic_kernel():
+    """torch raises (mode without warn_only) at the first kernel that has no deterministic version."""
+    torch.manual_seed(0)
+    model, criterion, _ = build_model(tiny_args())
+    images = nested_tensor_from_tensor_list([torch.randn(3, 64, 64), torch.randn(3, 48, 64)])
+    targets = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
+               {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        criterion.total_loss(criterion(model(images, targets), targets)).backward()
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert all(p.grad is not None for p in model.transformer.parameters() if p.requires_grad)

@@ -642,9 +642,23 @@ def prepare_demo_data(opts) -> None:
                               args.synthetic_image_size, seed=0)
 
 
+ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def cpu_facts() -> dict:
+    """What decides the demo's precision on this CPU, as its runs see it (they inherit this environment):
+    torch's instruction set, bfloat16's measured slow-down, and any variable that lowers the instruction set."""
+    from util.precision import NATIVE_AT_MOST, bfloat16_slowdown
+    slowdown = bfloat16_slowdown()
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "bfloat16_slowdown": slowdown,
+            "bfloat16": "native" if slowdown <= NATIVE_AT_MOST else "emulated",
+            "limits": {k: os.environ[k] for k in ISA_LIMITS if k in os.environ}}
+
+
 def demo(opts) -> dict:
     progress(f"preparing the data in {opts.coco_path}")
     prepare_demo_data(opts)
+    cpu = cpu_facts()
     with contextlib.ExitStack() as stack:
         trees = {"ours": ROOT}
         if opts.against:
@@ -657,6 +671,9 @@ def demo(opts) -> dict:
             runs.append({"repeat": repeat, **run})
     print(f"# demo: {' '.join([opts.config, *(opts.demo_options or [])])}, {opts.threads} threads, {opts.repeats} "
           f"repeats in alternating order; seconds from each command's start until its log.txt showed the AP")
+    limits = " ".join(f"{k}={v}" for k, v in cpu["limits"].items())
+    print(f"# CPU: torch capability {cpu['capability']}{', limited by ' + limits if limits else ''}; bfloat16 "
+          f"{cpu['bfloat16']} ({cpu['bfloat16_slowdown']:.1f}x float32's time in util.precision's probe)")
     print("| repeat | revision | " + " | ".join(f"AP {t} at s" for t in opts.targets) + " | final AP | wall s |")
     print("|---|---|" + "---|" * len(opts.targets) + "---|---|")
     for r in runs:
@@ -674,7 +691,7 @@ def demo(opts) -> dict:
     print("|---|" + "---|" * len(trees))
     for what, cells in summaries.items():
         print(f"| {what} | " + " | ".join(_cell(stats) for stats in cells.values()) + " |")
-    return {"demo": {"config": opts.config, "options": opts.demo_options or [], "threads": opts.threads,
+    return {"demo": {"config": opts.config, "options": opts.demo_options or [], "threads": opts.threads, "cpu": cpu,
                      "targets": opts.targets, "against": opts.against, "runs": runs, "summary": summaries}}
 
 
