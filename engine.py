@@ -30,6 +30,10 @@ class NonFiniteOutputError(FloatingPointError):
     """Evaluation met NaN/inf predictions or losses: a diverged model gets no AP (pycocotools would score it)."""
 
 
+class StopInsideStep(Exception):
+    """A stop was requested between two micro-batches of a step: the step is abandoned, its start restored."""
+
+
 class OutOfMemoryStop(RuntimeError):
     """A training step ran out of memory even with one image per micro-batch; parameters are untouched."""
 
@@ -95,7 +99,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
                     meters: Optional[Meters] = None, after_iteration: Optional[Callable[[int, Meters, list], None]] = None,
                     max_iters: Optional[int] = None, log_progress: bool = False,
                     accumulate_steps: int = 1, short_last_step: bool = False,
-                    lr_factor: Optional[Callable[[int], float]] = None) -> Dict[str, float]:
+                    lr_factor: Optional[Callable[[int], float]] = None,
+                    stop_requested: Optional[Callable[[], bool]] = None) -> Dict[str, float]:
     """Trains from iteration `start_iter` (the loader must already skip the done batches) to the epoch's end.
 
     An iteration is one optimizer step over a window of `accumulate_steps` batches of the loader; an epoch's
@@ -104,7 +109,9 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
     processes (an epoch continued on another layout, datasets/sampler.py). `after_iteration(iterations_done,
     meters, targets)` runs after every optimizer step: the checkpoint hooks live there, so a window is never
     saved half done (a resumed run replays it). `lr_factor(it)` scales the scheduled lr of iteration `it`'s
-    step (the warm-up, `linear_warmup`).
+    step (the warm-up, `linear_warmup`). `stop_requested()` is asked between a step's micro-batches (a long
+    accumulation window can outlast a scheduler's grace period): when it says so, the step's start is restored
+    and StopInsideStep raised, so the caller saves the state after the last completed step.
     """
     model.train()
     criterion.train()
@@ -129,7 +136,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch: int
             optimizer.zero_grad(set_to_none=True)  # a failed attempt's partial gradients must not reach the step
             dist_utils.broadcast_state(model.buffers())  # rank 0's, as DDP before a step's first forward
             losses = before.attempt(_accumulate_gradients, model, criterion, window, pieces, device, amp_dtype,
-                                    scaler)
+                                    scaler, stop_requested)
             if losses is not None:
                 break
             if device.type == "cuda":
@@ -249,7 +256,8 @@ def _micro_batches(samples: NestedTensor, targets: list, pieces: int):
     return [(NestedTensor(samples.tensors[a:b], samples.mask[a:b]), targets[a:b]) for a, b in zip(edges, edges[1:])]
 
 
-def _accumulate_gradients(model, criterion, window, pieces: int, device, amp_dtype, scaler) -> Optional[Dict[str, Tensor]]:
+def _accumulate_gradients(model, criterion, window, pieces: int, device, amp_dtype, scaler,
+                          stop_requested=None) -> Optional[Dict[str, Tensor]]:
     """Forward and backward of every batch of the window, each in `pieces` micro-batches, normalised by the
     window's box count, so the gradients sum to those of one batch of all its images. Returns the summed
     (unreduced) loss terms, or None when any process ran out of memory: the processes agree after each
@@ -259,7 +267,9 @@ def _accumulate_gradients(model, criterion, window, pieces: int, device, amp_dty
     num_boxes = criterion.average_num_boxes([t for _, targets in window for t in targets], device)
     micro_batches = [part for samples, targets in window for part in _micro_batches(samples, targets, pieces)]
     totals = {}
-    for samples, targets in micro_batches:
+    for i, (samples, targets) in enumerate(micro_batches):
+        if i and stop_requested is not None and stop_requested():
+            raise StopInsideStep()
         error, loss_dict = None, {}
         try:
             if targets:
@@ -267,6 +277,8 @@ def _accumulate_gradients(model, criterion, window, pieces: int, device, amp_dty
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     outputs = model(samples, targets)
                     loss_dict = criterion(outputs, targets, num_boxes=num_boxes)
+                    if faults.check("loss") == "nan":
+                        loss_dict = {k: v * float("nan") for k, v in loss_dict.items()}
                     loss = criterion.total_loss(loss_dict)
                 faults.arm_backward(loss)
                 (loss if scaler is None else scaler.scale(loss)).backward()

@@ -16,11 +16,11 @@ from torch.utils.data import BatchSampler
 import util.checkpoint as ckpt
 from datasets import build_dataset, get_coco_api_from_dataset
 from datasets.sampler import GlobalBatchSampler, ShardedSampler
-from engine import (Meters, NonFiniteLossError, NonFiniteOutputError, OutOfMemoryStop, evaluate,
+from engine import (Meters, NonFiniteLossError, NonFiniteOutputError, OutOfMemoryStop, StopInsideStep, evaluate,
                     linear_warmup, optimizer_steps_per_epoch, train_one_epoch)
 from models import build_model, load_pretrained_backbone
 from util import distributed as dist_utils
-from util import determinism, environment, interrupt, precision, resume, run_dir
+from util import determinism, environment, interrupt, options, precision, resume, run_dir
 from util.config import DictAction, dump_config, load_config, merge_config
 from util.ema import build_ema
 from util.logger import setup_logging
@@ -31,7 +31,8 @@ logger = logging.getLogger("dino.main")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("DINO training and evaluation", add_help=add_help)
+    p = argparse.ArgumentParser("DINO training and evaluation", add_help=add_help, epilog=options.help_text(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config_file", "-c", required=True, help="python config file, e.g. config/DINO/DINO_4scale.py")
     p.add_argument("--options", nargs="+", action=DictAction,
                    help="override config keys: --options lr=2e-4 epochs=24 data_aug_scales=[128]")
@@ -87,6 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     merge_config(args, cfg, args.options, {a.dest for a in parser._actions})
     for key, value in precision.float32_overrides(args).items():  # before anything reads them
         setattr(args, key, value)
+    options.check(args)
     args.config = {k: getattr(args, k) for k in cfg}
     if args.coco_path is None:
         args.coco_path = "data/synthetic" if args.dataset_file == "synthetic" else "data/coco"
@@ -254,13 +256,14 @@ class LossWatch:
     the last ones before the interruption: a resume that went wrong shows as a jump beyond the usual noise."""
 
     KEEP, COMPARE = 50, 10
+    ENOUGH = 5  # fewer losses before the resume show no noise to judge a jump by
 
     def __init__(self, before: list):
         self.before, self.recent, self.after = list(before), list(before), []
 
     def add(self, loss: float) -> None:
         self.recent = (self.recent + [loss])[-self.KEEP:]
-        if self.before and len(self.after) < self.COMPARE:
+        if len(self.before) >= self.ENOUGH and len(self.after) < self.COMPARE:
             self.after.append(loss)
             if len(self.after) == min(self.COMPARE, len(self.before)):
                 self._report()
@@ -348,13 +351,15 @@ def main(args) -> int:
     if args.use_ema:
         ema = build_ema(model, args.ema_decay, args.ema_warmup_iters)
 
-    facts = {"origin": resume.run_origin(args), "categories": dataset_train.categories(), "environment": run_record,
+    facts = {"origin": resume.run_origin(args), "run_id": start.run_id, "categories": dataset_train.categories(),
+             "environment": run_record,
              "datasets": {"train": dataset_train.fingerprint(), "val": dataset_val.fingerprint()}}
     state = resume.TrainState(model, optimizer, scaler, ema, args, iterations, len(dataset_train), facts,
                               requested_accumulate_steps=requested_accumulate_steps)
     if start.kind == "scratch":
         _initial_backbone(model, args)
     position = resume.restore(start, state)
+    state.best_written = {kind: dict(value) for kind, value in position.best.items()}
     del start
     state.scheduler = _scheduler(optimizer, args, iterations)  # built now, so the current config's schedule wins
     resume.position_scheduler(state.scheduler, position.scheduler_steps)
@@ -388,16 +393,16 @@ def main(args) -> int:
         try:
             test_stats, _ = evaluate(model, criterion, postprocessors, val_loader, base_ds, device,
                                      results_file=results, **eval_kwargs)
+            ema_stats = evaluate(ema.module, criterion, postprocessors, val_loader, base_ds, device,
+                                 **eval_kwargs)[0] if ema is not None else None
         except NonFiniteOutputError as e:
-            diverged = NonFiniteOutputError(f"epoch {epoch}: {e}; {ckpt.LATEST} holds that diverged epoch: restart "
-                                            "from an earlier numbered checkpoint with a lower lr")
+            diverged = NonFiniteOutputError(f"epoch {epoch}: {e}; {state.back_to_last_good(epoch)}")
             diverged.__dict__.update(vars(e))  # which process met it
             raise diverged from None
         log_stats = {**{f"train_{k}": v for k, v in Meters(train_meters).averages().items()},
                      **{f"test_{k}": v for k, v in test_stats.items()}}
         candidates = [("regular", test_stats)]
         if ema is not None:
-            ema_stats, _ = evaluate(ema.module, criterion, postprocessors, val_loader, base_ds, device, **eval_kwargs)
             log_stats.update({f"ema_test_{k}": v for k, v in ema_stats.items()})
             candidates.append(("ema", ema_stats))
         new_best = []
@@ -467,7 +472,12 @@ def main(args) -> int:
                             steps=train_sampler.steps_left(), meters=meters, after_iteration=after_iteration,
                             max_iters=max_iters, log_progress=args.save_log, accumulate_steps=args.accumulate_steps,
                             short_last_step=train_sampler.ends_short(),
-                            lr_factor=linear_warmup(args.lr_warmup_iters, epoch * iterations))
+                            lr_factor=linear_warmup(args.lr_warmup_iters, epoch * iterations),
+                            stop_requested=interrupt.stop_requested)
+        except StopInsideStep:
+            state.save([ckpt.LATEST], epoch=epoch - 1, best=best, recent_losses=losses.recent, wait=True, **last)
+            _stop(args, f"epoch {epoch}", f"saved {os.path.join(args.output_dir, ckpt.LATEST)} at iteration "
+                  f"{last['iteration']}, the start of the step under way")
         except Exception as e:
             together = dist_utils.get_world_size() == 1 or hasattr(e, "rank") or isinstance(e, OutOfMemoryStop)
             if together and not isinstance(e, (FloatingPointError, ckpt.CheckpointWriteError,

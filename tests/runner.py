@@ -18,13 +18,14 @@ TINY_OPTIONS = ["hidden_dim=32", "nheads=4", "dim_feedforward=64", "enc_layers=1
 
 
 def run_main(coco_path, output_dir, *extra, options=(), config=DEMO, timeout=300, check=True, env=None,
-             precision=("--no-amp",)):
+             precision=("--no-amp",), cwd=None):
     """Returns the CompletedProcess; output is stdout+stderr in .stdout. Float32 unless extra says --amp
-    (precision=() keeps the config's own default)."""
+    (precision=() keeps the config's own default). `cwd`: another working directory than the project's."""
+    config = str(ROOT / config) if cwd else config
     cmd = [sys.executable, str(ROOT / "main.py"), "-c", config, "--coco_path", str(coco_path),
            "--output_dir", str(output_dir), "--num_workers", "0", *precision, *extra]
     cmd += ["--options", *TINY_OPTIONS, *options]
-    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.run(cmd, cwd=cwd or ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"main.py exited {proc.returncode}:\n{proc.stdout[-4000:]}")

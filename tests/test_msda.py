@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from models.ops import MSDeformAttn, multi_scale_deformable_attn
-from models.ops.ms_deform_attn import _as_list, _grid_sample_core
+from models.ops import ms_deform_attn
+from models.ops.ms_deform_attn import _as_list, _grid_sample_core, index_dtype
 
 VECTORS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "msda_vectors.pt"
 
@@ -95,3 +96,25 @@ def test_cpu_core_gives_bit_identical_results_on_every_run():
             assert all(torch.equal(a, b) for a, b in zip(first, again))
     finally:
         torch.set_num_threads(threads)
+
+
+def test_sparse_indices_widen_where_the_corner_count_passes_int32():
+    """The backward's indices count sample corners: N * Lq * heads * levels * points * 4. The 5-scale encoder
+    (strides 4 to 64) at 800x1333 passes 2**31 - 1 from batch 38; the 4-scale one at 1333x1333 from batch 113."""
+    def corners(batch, size, strides):
+        queries = sum(-(-size[0] // s) * -(-size[1] // s) for s in strides)
+        return batch * queries * 8 * len(strides) * 4 * 4
+    five, four = (4, 8, 16, 32, 64), (8, 16, 32, 64)
+    assert index_dtype(corners(37, (800, 1333), five)) == torch.int32
+    assert index_dtype(corners(38, (800, 1333), five)) == torch.int64
+    assert index_dtype(corners(112, (1333, 1333), four)) == torch.int32
+    assert index_dtype(corners(113, (1333, 1333), four)) == torch.int64
+    assert index_dtype(2 ** 31 - 1) == torch.int32 and index_dtype(2 ** 31) == torch.int64
+
+
+def test_the_core_with_int64_indices_gives_the_same_bits(monkeypatch):
+    case = _cases()[0]
+    narrow = _forward_backward(multi_scale_deformable_attn, case, torch.float32)
+    monkeypatch.setattr(ms_deform_attn, "index_dtype", lambda corners: torch.int64)
+    wide = _forward_backward(multi_scale_deformable_attn, case, torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(narrow, wide))

@@ -104,6 +104,23 @@ def test_sigterm_inside_accumulation_resumes_bit_exactly(data, tmp_path):
     assert_same_training(tmp_path / "reference", tmp_path / "run")
 
 
+def test_a_stop_signal_inside_a_long_window_saves_the_window_start_at_once(data, tmp_path):
+    """accumulate_steps=8: the signal comes during the 3rd batch of the first window. The run saves the window's
+    start at the next batch, not after 5 more (a scheduler's grace period may be shorter than a window), with
+    the batch-norm statistics and random state of that start: the rerun ends bit-identical."""
+    options = ["batch_size=1", "accumulate_steps=8", "epochs=1"]  # 2 windows of 8 x 1, denoising and batch norm on
+    run_main(data, tmp_path / "reference", options=options)
+    proc = popen_main(data, tmp_path / "run", options=options,
+                      env={"DINO_FAULTS": '[{"at": "forward", "call": 3, "error": "sigterm"}]'})
+    output = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 3, output[-3000:]
+    assert "SIGTERM received during epoch 0: saved " in output and "at iteration 0, the start of the step" in output
+    assert torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)["iteration"] == 0
+    rerun = run_main(data, tmp_path / "run", options=options)
+    assert "epoch 0, iteration 0 of 2" in rerun.stdout
+    assert_same_training(tmp_path / "reference", tmp_path / "run")
+
+
 def test_out_of_memory_retries_the_step_in_halves_and_trains_the_same(data, one_batch, tmp_path):
     code, output = _run_injected(data, tmp_path / "out", [{"at": "forward", "call": 2, "error": "oom"}])
     assert code == 0, output[-3000:]

@@ -47,7 +47,7 @@ def seal(obj) -> io.BytesIO:
     with zipfile.ZipFile(buffer, 'a') as archive:
         members = [[m.filename, m.file_size, m.CRC] for m in archive.infolist()]
         info = obj if isinstance(obj, dict) else {}
-        record = {'format_version': info.get('format_version'), 'epoch': info.get('epoch'),
+        record = {'format_version': info.get('format_version'), 'run_id': info.get('run_id'), 'epoch': info.get('epoch'),
                   'iteration': info.get('iteration'), 'config_hash': config_hash(info.get('args') or {}),
                   'payload_bytes': sum(size for _, size, _ in members), 'members': members}
         archive.writestr(f"{members[0][0].split('/')[0]}/{INTEGRITY}", json.dumps(record))
@@ -211,6 +211,17 @@ def _verify(path: str):
     return record
 
 
+def read_record(path) -> Optional[dict]:
+    """The integrity record of a checkpoint alone (run id, epoch, CRCs), without checking or loading the file;
+    None for a file without one or that cannot be read as a zip archive."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            sealed = [name for name in archive.namelist() if name.endswith('/' + INTEGRITY)]
+            return json.loads(archive.read(sealed[0])) if sealed else None
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError, KeyError):
+        return None
+
+
 def _forbidden_global(message: str):
     """Name of the disallowed object in torch's weights_only error message, or None."""
     for pattern in (r"GLOBAL (\S+)", r"unrecognized function (\S+)", r"add_safe_globals`,? but got (.+)$"):
@@ -296,22 +307,26 @@ def training_state(model, optimizer, lr_scheduler, scaler, ema, *, epoch: int, i
 def ema_weights_state(state: dict) -> dict:
     """checkpoint_best_ema.pth: the EMA weights as 'model' (as the official code saves them) and no optimizer,
     so --eval, fine-tuning and the tools use the EMA model and a --resume of it loads weights only."""
-    keep = ('epoch', 'args', 'origin', 'categories', 'best', 'format_version', 'torch_version')
+    keep = ('epoch', 'args', 'origin', 'run_id', 'categories', 'best', 'format_version', 'torch_version')
     weights = {k[len('module.'):]: v for k, v in state['ema_model'].items() if k.startswith('module.')}
     return {'model': weights, 'model_is_ema': True, **{k: state[k] for k in keep}}
 
 
-def prune_numbered(output_dir: str, keep: int) -> None:
-    """Drop the oldest checkpoint{epoch:04d}.pth beyond the newest `keep` (0 keeps all). Called only after a
-    new numbered checkpoint was written, so the newest intact one is never the one removed."""
+def prune_numbered(output_dir: str, keep: int, run_id: str) -> None:
+    """Drop this run's oldest checkpoint{epoch:04d}.pth beyond its newest `keep` (0 keeps all). Called only
+    after a new numbered checkpoint was written, so the newest intact one is never the one removed. Files of
+    another run are never touched; files without a run id (earlier versions) count as this run's."""
     if keep > 0:
-        for name in numbered_checkpoints(output_dir)[:-keep]:
+        for name in numbered_checkpoints(output_dir, run_id)[:-keep]:
             os.remove(os.path.join(output_dir, name))
 
 
-def numbered_checkpoints(output_dir: str) -> List[str]:
-    """checkpoint{epoch:04d}.pth names in output_dir, oldest epoch first."""
-    return sorted(f for f in os.listdir(output_dir) if _NUMBERED.match(f))
+def numbered_checkpoints(output_dir: str, run_id: Optional[str] = None) -> List[str]:
+    """checkpoint{epoch:04d}.pth names in output_dir, oldest epoch first; with run_id, only that run's."""
+    names = sorted(f for f in os.listdir(output_dir) if _NUMBERED.match(f))
+    if run_id is None:
+        return names
+    return [f for f in names if (read_record(os.path.join(output_dir, f)) or {}).get('run_id') in (run_id, None)]
 
 
 def remove_stale_temporary_files(output_dir: str) -> List[str]:

@@ -193,11 +193,22 @@ def merge_config(args: argparse.Namespace, cfg: dict, options, parser_dests) -> 
     return args
 
 
+# The names other trainers give to this project's keys, for the hint of an unknown --options key.
+ALIASES = {"learning_rate": "lr", "base_lr": "lr", "max_epochs": "epochs", "num_epochs": "epochs", "epoch": "epochs",
+           "batch": "batch_size", "batch_size_per_gpu": "batch_size", "wd": "weight_decay", "decay": "weight_decay",
+           "grad_clip": "clip_max_norm", "max_norm": "clip_max_norm", "warmup_iters": "lr_warmup_iters",
+           "warmup_steps": "lr_warmup_iters", "classes": "num_classes", "nc": "num_classes",
+           "accumulate": "accumulate_steps", "gradient_accumulation_steps": "accumulate_steps",
+           "img_size": "data_aug_max_size", "imgsz": "data_aug_max_size", "ema": "use_ema", "patience":
+           "early_stop_patience", "lr_step": "lr_drop", "milestones": "lr_drop_list"}
+
+
 def _check_options(options: dict, cfg: dict, source: str, prefix: str):
     for key, value in options.items():
         name = prefix + key
         if key not in cfg:
-            close = difflib.get_close_matches(key, [str(k) for k in cfg], n=3)
+            close = [ALIASES[key]] if ALIASES.get(key) in cfg else []
+            close += [c for c in difflib.get_close_matches(key, [str(k) for k in cfg], n=3) if c not in close]
             hint = (f"did you mean {' or '.join(repr(prefix + c) for c in close)}?" if close else
                     f"the valid keys are the names set in {source} and its _base_ files")
             raise ValueError(f"--options key {name!r} is not in {source}: {hint}")

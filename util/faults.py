@@ -4,12 +4,16 @@ patching modules. Planned by the environment variable DINO_FAULTS, a JSON list; 
     DINO_FAULTS='[{"at": "backward", "rank": 1, "call": 2, "error": "oom"}]'
 
 makes process 1 raise torch.OutOfMemoryError the 2nd time it passes "backward". Points: "forward" and
-"backward" (inside autograd's backward pass) of every training micro-batch, "eval_batch" of every evaluation
-batch. Errors: "oom", "error" (an OSError, as a broken file gives), "nan" (the point's values become NaN).
+"backward" (inside autograd's backward pass) and "loss" of every training micro-batch, "eval_batch" of every
+evaluation batch, "checkpoint_commit" of a save that writes other files before checkpoint.pth. Errors: "oom",
+"error" (an OSError, as a broken file gives), "sigterm" (the process sends itself SIGTERM and goes on), "kill"
+(SIGKILL), "nan" (the point's values become NaN: predictions at "eval_batch", loss terms at
+"loss").
 "rank" and "call" may be left out: every process, every pass."""
 import collections
 import json
 import os
+import signal
 from typing import Optional
 
 import torch
@@ -40,6 +44,10 @@ def check(point: str) -> Optional[str]:
         raise torch.OutOfMemoryError(f"CUDA out of memory (injected at {point})")
     if error == "error":
         raise OSError(f"injected failure at {point}")
+    if error == "sigterm":  # what a scheduler sends; the run goes on until it acts on it
+        os.kill(os.getpid(), signal.SIGTERM)
+    if error == "kill":  # a machine that dies
+        os.kill(os.getpid(), signal.SIGKILL)
     return error
 
 

@@ -1,6 +1,6 @@
 """Every numeric option's allowed values, in one table. main.py checks them right after reading the command line
-and the config, before datasets, the model or output files are touched; `main.py --help` and the options table
-of docs/options.md are written from this table (`python -m util.options` prints that table)."""
+and the config, before datasets, the model or output files are touched; `main.py --help` and docs/options.md
+show this table (`python -m util.options` prints it in Markdown; a test keeps docs/options.md equal to it)."""
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -153,6 +153,14 @@ def table(defaults: Optional[dict] = None) -> str:
             row += f" `{defaults.get(key)!r}` |"
         rows.append(row)
     return "\n".join(rows)
+
+
+def help_text() -> str:
+    """The table for `main.py --help`."""
+    width = max(map(len, RULES))
+    lines = ["numeric options (config keys, set with --options key=value; seed and num_workers: flags):"]
+    lines += [f"  {key:<{width}}  {rule.allowed()}: {rule.meaning}" for key, rule in RULES.items()]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,15 @@ starting point (--resume or --pretrain_model_path, --finetune_ignore, --start_ep
 records as 'origin'. When output_dir holds a checkpoint written from the same starting point, it wins over
 the explicit source; a different starting point, or --no_auto_resume, starts over.
 """
+import hashlib
+import json
 import logging
 import math
 import os
 import platform
 import shutil
+import time
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -17,10 +21,11 @@ from typing import List, Optional
 import torch
 
 from util import distributed as dist_utils
-from util import environment
+from util import environment, faults, run_dir
 from util.checkpoint import (LATEST, BackgroundWriter, CheckpointError, CheckpointWriteError, ema_weights_state,
-                             load_checkpoint, numbered_checkpoints, prune_numbered, seal, snapshot, training_state,
-                             write_bytes)
+                             load_checkpoint, numbered_checkpoints, prune_numbered, read_record, seal, snapshot,
+                             training_state, write_bytes)
+from util.misc import atomic_write
 from util.rng import capture_rng_state, restore_rng_state
 from util.weights import load_model_weights
 
@@ -51,14 +56,44 @@ def hyperparameter_changes(saved: dict, current: dict) -> List[str]:
 # Deciding where to start
 
 def run_origin(args) -> dict:
-    """The starting point of this command: what a checkpoint records so that a rerun recognises its run."""
-    def absolute(path):
-        return os.path.abspath(path) if path else ""
-    return {"resume": absolute(args.resume), "pretrain_model_path": absolute(args.pretrain_model_path),
-            "finetune_ignore": sorted(args.finetune_ignore or []), "start_epoch": args.start_epoch}
+    """The starting point of this command: what a checkpoint records so that a rerun recognises its run. Paths
+    are resolved (a symlink, a relative spelling from another directory name the same file) and the source's
+    content is identified by its integrity record, so a file replaced at the same path is another start."""
+    def resolved(path):
+        return os.path.realpath(path) if path else ""
+    source = args.resume or args.pretrain_model_path
+    return {"resume": resolved(args.resume), "pretrain_model_path": resolved(args.pretrain_model_path),
+            "finetune_ignore": sorted(args.finetune_ignore or []), "start_epoch": args.start_epoch,
+            "source": source_identity(source, args.output_dir) if source else None}
 
 
-SCRATCH = {"resume": "", "pretrain_model_path": "", "finetune_ignore": [], "start_epoch": None}
+SCRATCH = {"resume": "", "pretrain_model_path": "", "finetune_ignore": [], "start_epoch": None, "source": None}
+
+
+def same_origin(saved: dict, now: dict) -> bool:
+    """One starting point: the same options, the same source file by resolved path and, where both recorded
+    it, by content. Checkpoints of earlier versions recorded absolute paths and no content."""
+    saved = {**SCRATCH, **saved}
+    if (saved["finetune_ignore"], saved["start_epoch"]) != (now["finetune_ignore"], now["start_epoch"]):
+        return False
+    for key in ("resume", "pretrain_model_path"):
+        if (os.path.realpath(saved[key]) if saved[key] else "") != now[key]:
+            return False
+    return not (saved["source"] and now["source"]) or saved["source"] == now["source"]
+
+
+def source_identity(path: str, output_dir: str) -> Optional[str]:
+    """A hash of the source's integrity record (every record's CRC-32), or of its size for files without one;
+    None for a source inside output_dir, which the run itself may rewrite (a best file fine-tuned in place)."""
+    if not os.path.exists(path) or (output_dir and _inside(path, output_dir)):
+        return None
+    record = read_record(path)
+    text = json.dumps(record["members"]) if record else f"size {os.path.getsize(path)}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _inside(path: str, folder: str) -> bool:
+    return os.path.realpath(path).startswith(os.path.realpath(folder) + os.sep)
 
 
 def describe_origin(origin: dict) -> str:
@@ -82,6 +117,11 @@ class Start:
     kind: str
     path: str = ""
     checkpoint: dict = field(default_factory=dict)
+    run_id: str = ""  # the run's: the checkpoint's when continuing, a new one otherwise
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
 
 def choose_start(args) -> Start:
@@ -95,15 +135,18 @@ def choose_start(args) -> Start:
         except Exception as e:
             error = e
     dist_utils.check_together(error)
-    kind, path, record = dist_utils.broadcast_object(
+    kind, path, record, run_id = dist_utils.broadcast_object(
         (start.kind, os.path.relpath(start.path, args.output_dir) if start.kind == "continue" else start.path,
-         _identity(start)) if start else None)
+         _identity(start), start.run_id) if start else None)
     if start is None:
         try:
             start = _same_start(args, kind, path, record)
+            start.run_id = run_id
         except CheckpointError as e:
             error = e
     dist_utils.check_together(error)
+    if dist_utils.is_main_process() and args.output_dir:
+        run_dir.write_run_id(args.output_dir, start.run_id)
     return start
 
 
@@ -134,22 +177,33 @@ def _same_start(args, kind: str, path: str, record) -> Start:
 def _choose(args) -> Start:
     origin = run_origin(args)
     own = _newest_intact_checkpoint(args.output_dir) if args.output_dir else None
-    if own and args.no_auto_resume:
-        logger.warning("--no_auto_resume: starting over; the checkpoints in %s will be overwritten", args.output_dir)
-    elif own:
+    if own and not args.no_auto_resume:
         path, checkpoint = own
         saved = checkpoint.get("origin", SCRATCH)  # files of format 1 record none: they came from plain runs
-        if saved == origin:
-            return Start("continue", path, checkpoint)
-        logger.warning("Starting over: the run in %s %s, but this command %s; its checkpoints will be overwritten",
-                       args.output_dir, describe_origin(saved), describe_origin(origin).replace("started", "starts", 1))
+        if same_origin(saved, origin):
+            return Start("continue", path, checkpoint, checkpoint.get("run_id") or new_run_id())
+        why = (f"Starting over: the run in {args.output_dir} {describe_origin(saved)}, but this command "
+               f"{describe_origin(origin).replace('started', 'starts', 1)}")
+    elif own:
+        why = f"--no_auto_resume: starting over in {args.output_dir}"
+    else:
+        why = f"A new run in {args.output_dir}"
+    if args.output_dir:
+        _set_aside_previous_run(args, why)
     if args.resume:
         checkpoint = load_checkpoint(args.resume)
         full = "optimizer" in checkpoint and not args.finetune_ignore
-        return Start("resume" if full else "weights", args.resume, checkpoint)
+        return Start("resume" if full else "weights", args.resume, checkpoint, new_run_id())
     if args.pretrain_model_path:
-        return Start("weights", args.pretrain_model_path, load_checkpoint(args.pretrain_model_path))
-    return Start("scratch")
+        return Start("weights", args.pretrain_model_path, load_checkpoint(args.pretrain_model_path), new_run_id())
+    return Start("scratch", run_id=new_run_id())
+
+
+def _set_aside_previous_run(args, why: str) -> None:
+    """A new run never mixes with the files of the one before it in output_dir: they move to previous/."""
+    folder, moved = run_dir.set_aside(args.output_dir, keep=args.resume or args.pretrain_model_path)
+    if moved:
+        logger.warning("%s; moved the files of the run that was there to %s: %s", why, folder, ", ".join(moved))
 
 
 def keep_global_batch(start: Start, args) -> None:
@@ -174,8 +228,10 @@ def _newest_intact_checkpoint(output_dir: str):
     is damaged (with a warning); None when there is none at all."""
     if not os.path.isdir(output_dir):
         return None
-    names = ([LATEST] if os.path.exists(os.path.join(output_dir, LATEST)) else []) + \
-        numbered_checkpoints(output_dir)[::-1]
+    latest = os.path.join(output_dir, LATEST)
+    # Fall back only to files of checkpoint.pth's run, named in it or, where it is unreadable, beside it.
+    run_id = (read_record(latest) or {}).get("run_id") or run_dir.read_run_id(output_dir)
+    names = ([LATEST] if os.path.exists(latest) else []) + numbered_checkpoints(output_dir, run_id)[::-1]
     for name in names:
         path = os.path.join(output_dir, name)
         try:
@@ -218,6 +274,7 @@ def restore(start: Start, state: "TrainState") -> Position:
     position.scheduler_steps = position.epoch * (state.iterations if args.lr_scheduler == "onecycle" else 1)
     if start.kind == "weights":
         report = load_weights(state.model, start.path, start.checkpoint, args.finetune_ignore)
+        _refuse_another_architecture(report, start.path, args)
         why = "--finetune_ignore" if args.finetune_ignore else "the checkpoint holds no optimizer state" \
             if args.resume else "--pretrain_model_path"
         logger.info("Loaded model weights only from %s (%s); optimizer and schedule start fresh at epoch %d:\n%s",
@@ -225,6 +282,20 @@ def restore(start: Start, state: "TrainState") -> Position:
     else:
         logger.info("Training from scratch, epoch %d", position.epoch)
     return position
+
+
+def _refuse_another_architecture(report, path: str, args) -> None:
+    """--resume means "continue this model": a file of which most of the model does not fit (other names or
+    shapes) holds another architecture, and training on with the few tensors that fit is refused. A deliberate
+    partial load says so with --pretrain_model_path or --finetune_ignore."""
+    if not args.resume or args.finetune_ignore:
+        return
+    model_tensors = len(report.loaded) + len(report.missing) + len(report.shape_mismatch)
+    if 2 * len(report.loaded) < model_tensors:
+        raise CheckpointError(f"--resume {path}: only {len(report.loaded)} of this model's {model_tensors} tensors are "
+                              "in it with the same name and shape, so it holds another architecture: check that -c "
+                              "and --options describe it, or start from what fits with --pretrain_model_path "
+                              f"{path} (or --resume with --finetune_ignore)")
 
 
 def load_weights(model, path: str, checkpoint: dict, ignore=None):
@@ -427,6 +498,7 @@ class TrainState:
     facts: dict  # origin, categories, environment, datasets: see util.checkpoint.training_state
     scheduler: object = None
     requested_accumulate_steps: Optional[int] = None  # the command's, before keep_global_batch
+    best_written: dict = field(default_factory=dict)  # per kind, the best whose file is on disk
     writer: BackgroundWriter = field(default_factory=BackgroundWriter)
 
     def save(self, names, *, epoch: int, iteration: int, samples_done: int, best: dict, meters: dict,
@@ -448,13 +520,68 @@ class TrainState:
                     iterations=self.iterations, args=self.args, best=best, meters=meters, rng_states=rng,
                     facts=self.facts, eval_pending=eval_pending, epoch_time=epoch_time,
                     recent_losses=recent_losses))
-                self.writer.start(lambda: _write(state, names, self.args.output_dir, self.args.keep_checkpoints))
+                files = self._room_for(names, state, best)
+                self.writer.start(lambda: _write(state, files, self.args.output_dir, self.args.keep_checkpoints))
                 if wait:
                     self.writer.wait()
             except CheckpointWriteError as e:
                 error = e
         if dist_utils.any_rank(error is not None):
             raise error or CheckpointWriteError("rank 0 could not write a checkpoint (its log says why)")
+        if any(name.startswith("checkpoint_best_") for name in names):  # rank 0 may have kept the previous best
+            written = dist_utils.broadcast_object(dict(best))
+            best.clear()
+            best.update(written)
+
+    def _room_for(self, names: List[str], state: dict, best: dict) -> List[str]:
+        """The files this save writes, in order: checkpoint.pth always and last (the commit point: it never
+        names a best file that is not on disk), each other file (best, numbered) when the disk keeps room for
+        it and the next checkpoint.pth. A best file skipped for room leaves the previous best in `best` and
+        in the state, so the best recorded is always the best whose weights are kept."""
+        free = shutil.disk_usage(self.args.output_dir).free
+        size = _tensor_bytes(state)
+        kept, skipped = [], []
+        for name in (n for n in names if n != LATEST):
+            need = _tensor_bytes(state["ema_model"]) if name == BEST_EMA else size
+            if free < need + size:
+                skipped.append(name)
+                continue
+            kept.append(name)
+            free -= need
+        for kind in list(best):
+            name = f"checkpoint_best_{kind}.pth"
+            if name in kept:
+                self.best_written[kind] = dict(best[kind])
+            elif name in skipped and kind in self.best_written:
+                best[kind] = dict(self.best_written[kind])
+            elif name in skipped:
+                del best[kind]
+        state["best"] = dict(best)
+        if skipped:
+            logger.warning("the disk has %.0f MB free, too little for %s (%.0f MB each): skipped them, kept %s",
+                           free / 2**20, ", ".join(skipped), size / 2**20, LATEST)
+        return kept + [LATEST]
+
+    def back_to_last_good(self, epoch: int) -> str:
+        """After the evaluation of `epoch` found it diverged: checkpoint.pth (which holds that epoch's training)
+        goes back to the newest evaluated state of this run, its newest numbered checkpoint before `epoch`, so
+        that a rerun continues from a good state; the diverged one is kept as checkpoint_diverged.pth. Call on
+        every process. Returns what a rerun does, for the error line."""
+        self.finish()
+        message = None
+        if dist_utils.is_main_process() and self.args.output_dir:
+            out = self.args.output_dir
+            earlier = [n for n in numbered_checkpoints(out, self.facts.get("run_id")) if int(n[10:14]) < epoch]
+            if earlier:
+                os.replace(os.path.join(out, LATEST), os.path.join(out, DIVERGED))
+                with open(os.path.join(out, earlier[-1]), "rb") as source:
+                    atomic_write(os.path.join(out, LATEST), lambda f: shutil.copyfileobj(source, f))
+                message = (f"{LATEST} is back at {earlier[-1]}, the last evaluated state, which a rerun continues "
+                           f"(the same settings diverge the same way: lower lr); the diverged epoch is in {DIVERGED}")
+            else:
+                message = (f"{LATEST} holds that diverged epoch and no earlier evaluated checkpoint is kept: rerun "
+                           "with a lower lr and --no_auto_resume")
+        return dist_utils.broadcast_object(message) or "nothing was saved (no --output_dir)"
 
     def finish(self) -> None:
         """Wait for the last write; its failure is every rank's."""
@@ -468,24 +595,28 @@ class TrainState:
             raise error or CheckpointWriteError("rank 0 could not write a checkpoint (its log says why)")
 
 
+BEST_EMA = "checkpoint_best_ema.pth"
+DIVERGED = "checkpoint_diverged.pth"
+
+
+def _tensor_bytes(obj) -> int:
+    """The bytes of the tensors in obj: a checkpoint file's size, but for a few kB of structure."""
+    if isinstance(obj, torch.Tensor):
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
 def _write(state: dict, names: List[str], output_dir: str, keep: int) -> None:
-    """checkpoint.pth first. When the disk has no room for all of them, the other names (numbered, best) are
-    skipped with a warning, so the space left goes to the checkpoint a rerun continues from."""
-    blobs = {"model": seal(state)}
-    if "checkpoint_best_ema.pth" in names:
-        blobs["ema"] = seal(ema_weights_state(state))
-    free = shutil.disk_usage(output_dir).free
-    skipped = []
-    for name in sorted(names, key=lambda n: n != LATEST):
-        blob = blobs["ema" if name == "checkpoint_best_ema.pth" else "model"]
-        size = len(blob.getbuffer())
-        if name != LATEST and free < 2 * size:  # room for this file and the next checkpoint.pth
-            skipped.append(name)
-            continue
-        write_bytes(blob, os.path.join(output_dir, name))
-        free -= size
+    """Write the files in the order given (TrainState._room_for: checkpoint.pth last). A kill between them
+    leaves the previous checkpoint.pth, from which the rerun writes them again."""
+    blob = seal(state)
+    for name in names:
+        if name == LATEST and len(names) > 1:
+            faults.check("checkpoint_commit")
+        write_bytes(seal(ema_weights_state(state)) if name == BEST_EMA else blob, os.path.join(output_dir, name))
         if name.startswith("checkpoint0"):
-            prune_numbered(output_dir, keep)
-    if skipped:
-        logger.warning("the disk has %.0f MB free, too little for %s (%.0f MB each): skipped them, kept %s",
-                       free / 2**20, ", ".join(skipped), len(blobs["model"].getbuffer()) / 2**20, LATEST)
+            prune_numbered(output_dir, keep, state.get("run_id"))

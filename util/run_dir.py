@@ -1,16 +1,21 @@
-"""The output_dir of a run: one run at a time (a lock a killed run cannot leave stuck) and log.txt."""
+"""The output_dir of a run: one run at a time (a lock a killed run cannot leave stuck), log.txt and the id of
+the run whose files it holds."""
 import fcntl
 import json
 import logging
 import os
+import re
 import time
+from typing import Optional
 
+from util.checkpoint import LATEST, read_record
 from util.misc import atomic_write
 
 logger = logging.getLogger("dino.run_dir")
 
 LOCK = ".lock"
 LOG = "log.txt"
+RUN_ID = "run_id.txt"
 
 
 class OutputDirError(RuntimeError):
@@ -74,3 +79,42 @@ def append_log(output_dir: str, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_run_id(output_dir: str, run_id: str) -> None:
+    """Which run output_dir's files belong to, readable when checkpoint.pth (which records it too) is not."""
+    atomic_write(os.path.join(output_dir, RUN_ID), lambda f: f.write(run_id.encode() + b"\n"))
+
+
+def read_run_id(output_dir: str):
+    try:
+        with open(os.path.join(output_dir, RUN_ID)) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+# What a run leaves in its output_dir beside info.txt (which keeps every run's history) and the dataset checks.
+RUN_FILES = re.compile(r'^(checkpoint.*\.pth|log\.txt|run_id\.txt|eval|tb|sample_ids|config_cfg\.py|'
+                       r'config_args_all\.json)$')
+
+
+def set_aside(output_dir: str, keep: Optional[str] = None) -> tuple:
+    """Move the files of the run in output_dir to output_dir/previous/<its run id>/, so that a new run never
+    mixes with them (pruning, falling back). `keep`: a path left in place (the new run's own source).
+    Returns (the folder, the names moved); (None, []) when there was nothing to move."""
+    names = [f for f in sorted(os.listdir(output_dir)) if RUN_FILES.match(f)
+             and not (keep and os.path.realpath(os.path.join(output_dir, f)) == os.path.realpath(keep))]
+    if not any(f.endswith(".pth") or f == LOG for f in names):  # no run was there, only empty folders
+        return None, []
+    records = [read_record(os.path.join(output_dir, f)) or {} for f in (LATEST, *names) if f.endswith('.pth')]
+    run_id = next((r['run_id'] for r in records if r.get('run_id')), None) or read_run_id(output_dir) or \
+        time.strftime('unknown-%Y%m%d-%H%M%S')
+    folder = os.path.join(output_dir, 'previous', run_id)
+    while os.path.exists(folder):
+        folder += '+'
+    os.makedirs(folder)
+    for name in names:
+        os.rename(os.path.join(output_dir, name), os.path.join(folder, name))
+    os.makedirs(os.path.join(output_dir, "eval"), exist_ok=True)  # the new run's, made at its start
+    return folder, names

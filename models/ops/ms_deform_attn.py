@@ -151,22 +151,30 @@ class _SparseCore(torch.autograd.Function):
         rows = corners.rows.view(-1)
         per_row = rows.numel() // grad.shape[0]
         grad_value = grad_locations = grad_weights = None
+        index = index_dtype(rows.numel())  # of positions in the list of corners
         if ctx.needs_input_grad[0]:
-            order = rows.argsort(stable=True).to(rows.dtype)  # stable: the same summation order on every run
-            ends = torch.bincount(rows, minlength=table.shape[0]).cumsum(0).to(rows.dtype)
+            order = rows.argsort(stable=True).to(index)  # stable: the same summation order on every run
+            ends = torch.bincount(rows, minlength=table.shape[0]).cumsum(0).to(index)
             starts = torch.cat([ends.new_zeros(1), ends])
             a_transposed = _csr(starts, order // per_row, weights.view(-1).index_select(0, order),
                                 (table.shape[0], grad.shape[0]))
             grad_value = (a_transposed @ grad).view(n, m, s, d).transpose(1, 2)
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            starts = torch.arange(0, rows.numel() + 1, per_row, dtype=rows.dtype, device=rows.device)
-            pattern = _csr(starts, rows, torch.ones_like(weights.view(-1)), (grad.shape[0], table.shape[0]))
+            starts = torch.arange(0, rows.numel() + 1, per_row, dtype=index, device=rows.device)
+            pattern = _csr(starts, rows.to(index), torch.ones_like(weights.view(-1)), (grad.shape[0], table.shape[0]))
             # dOut . V[corner] for every corner of every sample.
             dots = torch.sparse.sampled_addmm(pattern, grad, table.t(), beta=0).values().view(weights.shape)
             grad_weights, along_x, along_y = corners.gradients(dots)
             widths, heights = corners.sizes
             grad_locations = torch.stack([along_x * widths, along_y * heights], -1) * attention_weights.unsqueeze(-1)
         return grad_value, None, grad_locations, grad_weights
+
+
+def index_dtype(corners: int) -> torch.dtype:
+    """The dtype of the backward's sparse indices, which count up to the number of sample corners
+    (N * Lq * heads * levels * points * 4): int32, half the memory, until that passes 2**31 - 1 (the 5-scale
+    encoder at 800x1333 from batch 38), then int64."""
+    return torch.int32 if corners < 2 ** 31 else torch.int64
 
 
 def _csr(row_starts: Tensor, columns: Tensor, values: Tensor, size) -> Tensor:
