@@ -427,8 +427,10 @@ def main(args) -> int:
         if (epoch + 1) % args.save_checkpoint_interval == 0:
             names.append(f"checkpoint{epoch:04d}.pth")
         state.save(names, epoch=epoch, iteration=0, samples_done=0, best=best, meters={}, recent_losses=losses.recent)
-        logger.info("Epoch %d done in %.0f s: bbox AP %.4f (best %.4f at epoch %d)", epoch, log_stats["epoch_time"],
-                    test_stats["coco_eval_bbox"][0], best["regular"]["ap"], best["regular"]["epoch"])
+        kept = best.get("regular")  # none when the disk had no room for the first best file
+        logger.info("Epoch %d done in %.0f s: bbox AP %.4f (%s)", epoch, log_stats["epoch_time"],
+                    test_stats["coco_eval_bbox"][0],
+                    f"best {kept['ap']:.4f} at epoch {kept['epoch']}" if kept else "no best file kept")
 
     losses = LossWatch(position.recent_losses)
     if position.pending:

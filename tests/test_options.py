@@ -65,8 +65,10 @@ def test_the_help_and_the_options_page_show_the_table():
 
 
 def test_a_rule_allows_what_it_says():
-    lr, steps = options.RULES["lr"], options.RULES["accumulate_steps"]
-    assert lr.allows(1e-4) and lr.allows(1.0) and not lr.allows(0.0) and not lr.allows(float("nan"))
-    assert not lr.allows(2.0) and not lr.allows(True) and not lr.allows("0.1")
+    lr, steps, temperature = options.RULES["lr"], options.RULES["accumulate_steps"], options.RULES["pe_temperatureH"]
+    assert lr.allows(1e-4) and lr.allows(1.0) and lr.allows(0) and not lr.allows(float("nan"))
+    assert not lr.allows(2.0) and not lr.allows(-1e-4) and not lr.allows(True) and not lr.allows("0.1")
     assert steps.allows(1) and not steps.allows(0) and not steps.allows(2.0)
-    assert lr.allowed() == "a number in (0, 1]" and steps.allowed() == "an integer in [1, 65536]"
+    assert temperature.allows(20) and not temperature.allows(0)
+    assert lr.allowed() == "a number in [0, 1]" and steps.allowed() == "an integer in [1, 65536]"
+    assert temperature.allowed() == "a number > 0"

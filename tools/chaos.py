@@ -66,10 +66,10 @@ sys.path.insert(0, str(ROOT))
 
 import main as dino_main  # noqa: E402
 from util.checkpoint import LATEST, CheckpointError, load_checkpoint, numbered_checkpoints  # noqa: E402
-from util.resume import choose_start  # noqa: E402
+from util.resume import decide_start  # noqa: E402
 from util.run_dir import read_log  # noqa: E402
 
-logging.getLogger("dino").addHandler(logging.NullHandler())  # choose_start's warnings are main.py's to print
+logging.getLogger("dino").addHandler(logging.NullHandler())  # decide_start's warnings are main.py's to print
 
 PROGRESS = re.compile(r"\bEpoch (\d+) \[(\d+)/\d+\]|\bEvaluating epoch (\d+)\b")
 TEMPORARY = re.compile(r"^\.checkpoint.*\.pth\.tmp-\d+$")
@@ -457,7 +457,7 @@ class Chaos:
         """(epoch, iteration) main.py will continue from, by its own rule; None when there is nothing to
         continue (or nothing intact: then the start must fail, which counts)."""
         try:
-            start = choose_start(self.parsed)
+            start, _ = decide_start(self.parsed)
         except CheckpointError:
             return None
         if start.kind != "continue":

@@ -58,7 +58,7 @@ def fraction(meaning: str, **kw) -> Rule:
 
 RULES = {
     # optimisation
-    "lr": positive("learning rate of the transformer and heads", high=1),
+    "lr": fraction("learning rate of the transformer and heads"),
     "lr_backbone": fraction("learning rate of the backbone (0 trains it not at all)"),
     "weight_decay": fraction("AdamW weight decay"),
     "batch_size": count("images per process and step", 1, 65536),

@@ -131,7 +131,9 @@ def choose_start(args) -> Start:
     start, error = None, None
     if dist_utils.is_main_process():
         try:
-            start = _choose(args)
+            start, why = decide_start(args)
+            if start.kind != "continue" and args.output_dir:
+                _set_aside_previous_run(args, why)
         except Exception as e:
             error = e
     dist_utils.check_together(error)
@@ -174,29 +176,29 @@ def _same_start(args, kind: str, path: str, record) -> Start:
     return start
 
 
-def _choose(args) -> Start:
+def decide_start(args):
+    """(where this command starts, why it does not continue output_dir's run) by the rule above, touching no
+    file: what tools/chaos.py predicts with."""
     origin = run_origin(args)
     own = _newest_intact_checkpoint(args.output_dir) if args.output_dir else None
     if own and not args.no_auto_resume:
         path, checkpoint = own
         saved = checkpoint.get("origin", SCRATCH)  # files of format 1 record none: they came from plain runs
         if same_origin(saved, origin):
-            return Start("continue", path, checkpoint, checkpoint.get("run_id") or new_run_id())
+            return Start("continue", path, checkpoint, checkpoint.get("run_id") or new_run_id()), ""
         why = (f"Starting over: the run in {args.output_dir} {describe_origin(saved)}, but this command "
                f"{describe_origin(origin).replace('started', 'starts', 1)}")
     elif own:
         why = f"--no_auto_resume: starting over in {args.output_dir}"
     else:
         why = f"A new run in {args.output_dir}"
-    if args.output_dir:
-        _set_aside_previous_run(args, why)
     if args.resume:
         checkpoint = load_checkpoint(args.resume)
         full = "optimizer" in checkpoint and not args.finetune_ignore
-        return Start("resume" if full else "weights", args.resume, checkpoint, new_run_id())
+        return Start("resume" if full else "weights", args.resume, checkpoint, new_run_id()), why
     if args.pretrain_model_path:
-        return Start("weights", args.pretrain_model_path, load_checkpoint(args.pretrain_model_path), new_run_id())
-    return Start("scratch", run_id=new_run_id())
+        return Start("weights", args.pretrain_model_path, load_checkpoint(args.pretrain_model_path), new_run_id()), why
+    return Start("scratch", run_id=new_run_id()), why
 
 
 def _set_aside_previous_run(args, why: str) -> None:

@@ -103,6 +103,8 @@ def set_aside(output_dir: str, keep: Optional[str] = None) -> tuple:
     """Move the files of the run in output_dir to output_dir/previous/<its run id>/, so that a new run never
     mixes with them (pruning, falling back). `keep`: a path left in place (the new run's own source).
     Returns (the folder, the names moved); (None, []) when there was nothing to move."""
+    if not os.path.isdir(output_dir):
+        return None, []
     names = [f for f in sorted(os.listdir(output_dir)) if RUN_FILES.match(f)
              and not (keep and os.path.realpath(os.path.join(output_dir, f)) == os.path.realpath(keep))]
     if not any(f.endswith(".pth") or f == LOG for f in names):  # no run was there, only empty folders
