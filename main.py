@@ -564,7 +564,8 @@ def _fail(message: str, code: int, args, hint: str = "") -> int:
         with open(info, "a") as f:
             f.write(line + "\n")
     sys.stdout.flush()
-    print(line, file=sys.stderr, flush=True)
+    sys.stderr.write(line + "\n")  # one write: lines of several processes sharing a pipe stay whole
+    sys.stderr.flush()
     return code
 
 
