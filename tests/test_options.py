@@ -25,7 +25,7 @@ print(json.dumps(results))
 def _bad_value(rule):
     """A value just outside the rule (or NaN for a number), in --options syntax."""
     if rule.integer:
-        return str(int(rule.low) - 1) if rule.low > -options.INF else "1.5"
+        return str(int(rule.low) - 1)
     return "nan" if rule.low == 0 and not rule.low_open else f"{rule.low:g}" if rule.low_open else f"{rule.low - 1:g}"
 
 
