@@ -16,8 +16,8 @@ from torch import Tensor
 from torchvision.transforms.functional import to_pil_image
 
 from datasets.transforms import make_coco_transforms
-from util.checkpoint import load_checkpoint
-from util.resume import ARCHITECTURE_KEYS
+from checkpoint.format import load_checkpoint
+from checkpoint.resume import ARCHITECTURE_KEYS
 from util.weights import load_model_weights, strip_module_prefix
 from util.config import load_config
 from util.misc import nested_tensor_from_tensor_list

@@ -32,9 +32,10 @@ def run_main(coco_path, output_dir, *extra, options=(), config=DEMO, timeout=300
     return proc
 
 
-def popen_main(data, out, *extra, options=(), workers=0, script="main.py", new_session=False, env=None):
-    """main.py (or a wrapper of it) running in the background, printing a progress line per iteration."""
-    cmd = [sys.executable, str(ROOT / script), "-c", DEMO, "--coco_path", str(data), "--output_dir", str(out),
+def popen_main(data, out, *extra, options=(), workers=0, new_session=False, env=None):
+    """main.py running in the background, printing a progress line per iteration. `env`: more environment
+    variables, e.g. DINO_FAULTS (util/faults.py)."""
+    cmd = [sys.executable, str(ROOT / "main.py"), "-c", DEMO, "--coco_path", str(data), "--output_dir", str(out),
            "--num_workers", str(workers), "--save_log", "--no-amp", *extra, "--options", *TINY_OPTIONS, *options]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", **(env or {})},

@@ -12,7 +12,7 @@ import torch
 
 from runner import ROOT, TINY_OPTIONS, read_log
 from tools.chaos import Board, differences, main as chaos_main
-from util.checkpoint import atomic_save
+from checkpoint.format import atomic_save
 
 SCOREBOARD = re.compile(r"kills survived (\d+)/(\d+), resume failures (\d+), corrupt files (\d+), "
                         r"bit flips caught (\d+)/(\d+), final state identical: (yes|no)")

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from util import checkpoint as checkpoint_module
+from checkpoint import format as checkpoint_module
 from util import weights
-from util.checkpoint import CheckpointError, CheckpointWriteError, atomic_save, load_checkpoint
+from checkpoint.format import CheckpointError, CheckpointWriteError, atomic_save, load_checkpoint
 from util.rng import capture_rng_state, restore_rng_state
 from util.weights import load_model_weights, strip_module_prefix
 

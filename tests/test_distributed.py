@@ -149,6 +149,7 @@ sys.path[:0] = [{root!r}, {tests!r}]
 import torch
 from engine import train_one_epoch
 from models import build_model
+from training.step import TrainStep
 from tiny import tiny_args
 from util.misc import collate_fn
 
@@ -165,8 +166,9 @@ samples = [(torch.randn(3, 64, 40 + 8 * i, generator=generator),
 batches = [collate_fn([samples[i] for i in batch]) for batch in {layout}[rank]]
 before = {{f"before {{k}}": v.detach().clone() for k, v in model.named_parameters()}}
 scaler = torch.amp.GradScaler("cpu", init_scale=4.0) if {scaler} else None  # float16's, as on CUDA
-stats = train_one_epoch(model, criterion, batches, torch.optim.SGD(model.parameters(), lr=1.0), "cpu", 0, steps=1,
-                        accumulate_steps=len(batches), short_last_step=world > 1, scaler=scaler)
+step = TrainStep(model, criterion, torch.optim.SGD(model.parameters(), lr=1.0), "cpu", scaler=scaler,
+                 accumulate_steps=len(batches))
+stats = train_one_epoch(step, batches, 0, steps=1, short_last_step=world > 1)
 if rank == 0:
     torch.save({{"loss": stats["loss"], **before, **dict(model.named_parameters())}}, {out!r})
 if world > 1:  # a process that exits with gloo still set up can abort in its teardown

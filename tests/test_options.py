@@ -6,7 +6,7 @@ import sys
 from runner import DEMO, ROOT, TINY_OPTIONS
 from util import options
 
-# main.cli once per key, in one process (importing torch for each would take minutes): each bad value must
+# main.run once per key, in one process (importing torch for each would take minutes): each bad value must
 # end in exit code 2 with its one error line, before output_dir exists.
 CLI_LOOP = """
 import contextlib, io, json, sys
@@ -16,7 +16,7 @@ results = {{}}
 for key, value, argv in json.loads(sys.argv[1]):
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        code = main.cli(argv)
+        code = main.run(argv)
     results[key] = [value, code, err.getvalue()]
 print(json.dumps(results))
 """

@@ -43,24 +43,8 @@ def _interrupt(proc, at, sig=signal.SIGTERM, group=False):
     return output
 
 
-SLOW_TRAINING = """
-import sys, time
-sys.path.insert(0, {root!r})
-import main
-
-real_train_one_epoch = main.train_one_epoch
-
-
-def slow_train_one_epoch(*args, after_iteration, **kwargs):
-    def after(*a):  # a pause between an iteration's progress line and its stop check, as in a real run
-        time.sleep(0.3)
-        after_iteration(*a)
-    return real_train_one_epoch(*args, after_iteration=after, **kwargs)
-
-
-main.train_one_epoch = slow_train_one_epoch
-sys.exit(main.cli())
-"""
+SLOW_STEPS = {"DINO_FAULTS": '[{"at": "after_step", "sleep": 0.3}]'}  # a pause between an iteration's progress
+# line and its stop check, as in a real run
 
 
 @pytest.mark.parametrize("flags", [["--finetune_ignore", "class_embed", "--start_epoch", "1"], []],
@@ -69,9 +53,7 @@ def test_rerunning_an_interrupted_command_continues_it(data, pretrained, tmp_pat
     command = ["--resume", str(pretrained), *flags]
     run_main(data, tmp_path / "uninterrupted", *command, options=["epochs=3"])
     out = tmp_path / "run"
-    script = tmp_path / "slow_train_main.py"
-    script.write_text(SLOW_TRAINING.format(root=str(ROOT)))
-    output = _interrupt(popen_main(data, out, *command, options=["epochs=3"], script=str(script)), "Epoch 1 [3/8]")
+    output = _interrupt(popen_main(data, out, *command, options=["epochs=3"], env=SLOW_STEPS), "Epoch 1 [3/8]")
     # The signal lands at iteration 3 or, on a very busy machine, a little later: the rerun continues where it saved.
     saved_at = int(re.search(r"SIGTERM received during epoch 1: saved \S+ at iteration (\d+)", output).group(1))
     rerun = run_main(data, out, *command, options=["epochs=3"])
@@ -104,32 +86,13 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_continues(data, ref
     assert_same_training(reference, tmp_path)
 
 
-SLOW_EVALUATION = """
-import sys, time
-sys.path.insert(0, {root!r})
-import main
-
-real_evaluate = main.evaluate
-
-
-def slow_evaluate(*args, after_batch=None, **kwargs):
-    def after():  # a long COCO evaluation: the stop signal lands in the middle of it
-        time.sleep(1.0)
-        if after_batch is not None:
-            after_batch()
-    return real_evaluate(*args, after_batch=after, **kwargs)
-
-
-main.evaluate = slow_evaluate
-sys.exit(main.cli())
-"""
+SLOW_EVALUATION = {"DINO_FAULTS": '[{"at": "eval_batch", "sleep": 1.0}]'}  # a long COCO evaluation: the stop
+# signal lands in the middle of it
 
 
 def test_a_signal_during_evaluation_stops_at_once_and_the_rerun_evaluates_that_epoch(data, reference, tmp_path):
-    script = tmp_path / "slow_eval_main.py"
-    script.write_text(SLOW_EVALUATION.format(root=str(ROOT)))
     out = tmp_path / "run"
-    output = _interrupt(popen_main(data, out, script=str(script)), "Evaluating epoch 0")
+    output = _interrupt(popen_main(data, out, env=SLOW_EVALUATION), "Evaluating epoch 0")
     assert "SIGTERM received during the evaluation of epoch 0: checkpoint.pth holds epoch 0's training" in output
     saved = torch.load(out / "checkpoint.pth", weights_only=True)
     assert saved["epoch"] == 0 and saved["eval_pending"] and saved["iteration"] == 0
@@ -261,30 +224,10 @@ def test_a_data_error_on_one_rank_ends_every_rank_promptly(tmp_path):
     assert "checking the" not in proc.stdout  # the recorded check was trusted, so the loader met the missing file
 
 
-NEARLY_FULL_DISK = """
-import shutil, sys
-sys.path.insert(0, {root!r})
-import main
-from util import resume
-
-real_usage = shutil.disk_usage
-
-
-def nearly_full(path):  # room for one more checkpoint.pth, not for two files
-    total, used, free = real_usage(path)
-    return type(real_usage(path))(total, used, {free_bytes})
-
-
-resume.shutil.disk_usage = nearly_full
-sys.exit(main.cli())
-"""
-
-
 def test_a_nearly_full_disk_skips_numbered_and_best_files_but_keeps_checkpoint_pth(data, pretrained, tmp_path):
-    size = pretrained.stat().st_size
-    script = tmp_path / "full_disk_main.py"
-    script.write_text(NEARLY_FULL_DISK.format(root=str(ROOT), free_bytes=int(1.5 * size)))
-    proc = popen_main(data, tmp_path / "run", script=str(script), options=["epochs=1"])
+    free = int(1.5 * pretrained.stat().st_size)  # room for one more checkpoint.pth, not for two files
+    proc = popen_main(data, tmp_path / "run", options=["epochs=1"],
+                      env={"DINO_FAULTS": json.dumps([{"at": "disk_free", "bytes": free}])})
     output = proc.communicate(timeout=180)[0]
     assert proc.returncode == 0, output[-3000:]
     assert "too little for checkpoint_best_regular.pth, checkpoint0000.pth" in output

@@ -7,7 +7,7 @@ import shutil
 import torch
 
 from runner import popen_main, read_log, run_main
-from util.checkpoint import read_record
+from checkpoint.format import read_record
 
 
 def test_a_new_run_sets_the_previous_runs_files_aside_and_prunes_only_its_own(data, tmp_path):

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from datasets.sampler import GlobalBatchSampler
-from engine import linear_warmup, train_one_epoch
+from engine import train_one_epoch
+from training.step import TrainStep, linear_warmup
 from models import build_model
 from models.ops import multi_scale_deformable_attn
 from runner import DEMO, ROOT, TINY_OPTIONS, assert_same_training, popen_main, read_log, run_main, wait_for_line
@@ -207,8 +208,8 @@ def test_bfloat16_training_learns_a_fixed_batch_with_float32_losses():
         loss_dict = criterion(outputs, targets)
     assert outputs["pred_logits"].dtype == torch.bfloat16  # autocast is on, yet the losses are float32
     assert {v.dtype for v in loss_dict.values()} == {torch.float32}
-    losses = [train_one_epoch(model, criterion, [(images, targets)], optimizer, "cpu", 0, max_norm=0.1,
-                              amp_dtype=torch.bfloat16)["loss"] for _ in range(30)]
+    step = TrainStep(model, criterion, optimizer, "cpu", max_norm=0.1, amp_dtype=torch.bfloat16)
+    losses = [train_one_epoch(step, [(images, targets)], 0)["loss"] for _ in range(30)]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) < 0.6 * sum(losses[:3]), losses
 

@@ -193,7 +193,10 @@ class Workload:
         self.model, self.criterion, _ = build_model(self.args)
         self.model.to(device)
         self.criterion.to(device)
-        make_optimizer = getattr(main, "_optimizer", None)  # the revision's own choice (ours: fused AdamW)
+        try:  # the revision's own choice (ours: fused AdamW)
+            from training.optim import build_optimizer as make_optimizer
+        except ImportError:  # revisions before training/
+            make_optimizer = getattr(main, "_optimizer", None)
         self.optimizer = make_optimizer(self.model, self.args) if make_optimizer else torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad], lr=self.args.lr,
             weight_decay=self.args.weight_decay)

@@ -4,7 +4,7 @@
 
 For the full training state (model, AdamW moments, RNG, args) of DINO-4scale R50 and of the demo model, in
 interleaved rounds: the synchronous pause (seal + atomic write with fsync, what training would wait for), the
-asynchronous pause (the copy to host memory that util.resume.TrainState.save makes before a background thread
+asynchronous pause (the copy to host memory that training.trainer.Trainer.save makes before a background thread
 writes it), their ratio per round, and load_checkpoint (integrity check + weights_only load). Medians of --runs
 with min-max. With --demo_log, the demo's pauses are put against its measured epoch time.
 """
@@ -20,25 +20,30 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from main import _optimizer, _scheduler, parse_args  # noqa: E402
+from checkpoint.format import load_checkpoint, plain_args, seal, snapshot, write_bytes  # noqa: E402
+from cli import parse_args  # noqa: E402
 from models import build_model  # noqa: E402
-from util.checkpoint import load_checkpoint, seal, snapshot, training_state, write_bytes  # noqa: E402
+from training.optim import build_optimizer, build_scheduler  # noqa: E402
+from training.progress import Layout, Progress  # noqa: E402
 from util.ema import build_ema  # noqa: E402
 from util.rng import capture_rng_state  # noqa: E402
 
 
 def _state(config: str) -> dict:
     args = parse_args(["-c", config, "--device", "cpu"])
-    args.world_size = 1
     model, _, _ = build_model(args)
-    optimizer = _optimizer(model, args)
+    optimizer = build_optimizer(model, args)
     for p in model.parameters():  # give AdamW its moment buffers, as after a real step
         p.grad = torch.zeros_like(p) if p.requires_grad else None
     optimizer.step()
     ema = build_ema(model, args.ema_decay, args.ema_warmup_iters) if args.use_ema else None  # the demo keeps one
-    return training_state(model, optimizer, _scheduler(optimizer, args, 1), None, ema, epoch=0, iteration=0,
-                          samples_done=0, num_samples=1, iterations=1, args=args, best={}, meters={},
-                          rng_states=[capture_rng_state()], facts={})
+    layout = Layout(1, args.batch_size, args.accumulate_steps, args.accumulate_steps, args.seed, 1)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "lr_scheduler": build_scheduler(optimizer, args, 1).state_dict(), "args": plain_args(args),
+             **Progress(epoch=1).to_state(layout, [capture_rng_state()])}
+    if ema is not None:
+        state["ema_model"] = ema.state_dict()
+    return state
 
 
 def _interleaved(runs: int, **workloads):

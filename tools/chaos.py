@@ -65,8 +65,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import main as dino_main  # noqa: E402
-from util.checkpoint import LATEST, CheckpointError, load_checkpoint, numbered_checkpoints  # noqa: E402
-from util.resume import decide_start  # noqa: E402
+from checkpoint.format import CheckpointError, load_checkpoint  # noqa: E402
+from checkpoint.store import LATEST, CheckpointStore, numbered_checkpoints  # noqa: E402
+import cli  # noqa: E402
+from checkpoint.resume import decide_start  # noqa: E402
 from util.run_dir import read_log  # noqa: E402
 
 logging.getLogger("dino").addHandler(logging.NullHandler())  # decide_start's warnings are main.py's to print
@@ -457,7 +459,7 @@ class Chaos:
         """(epoch, iteration) main.py will continue from, by its own rule; None when there is nothing to
         continue (or nothing intact: then the start must fail, which counts)."""
         try:
-            start, _ = decide_start(self.parsed)
+            start, _ = decide_start(self.parsed, CheckpointStore(self.parsed.output_dir))
         except CheckpointError:
             return None
         if start.kind != "continue":
@@ -691,7 +693,7 @@ def parse(argv: List[str]):
         raise ChaosError(f"--kills {opts.kills}: give 0 or more")
     try:
         parsed = dino_main.parse_args(main_args)
-    except dino_main.BAD_INPUT as e:
+    except cli.BAD_INPUT as e:
         raise ChaosError(str(e)) from None
     for flag, value, why in (
             ("--output_dir", parsed.output_dir, "the tool chooses WORKDIR/reference and WORKDIR/chaos"),

@@ -29,7 +29,7 @@ from models.dino.postprocess import PostProcess  # noqa: E402
 
 from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from models.inference import WEIGHT_CHOICES, as_pil_image, load_detector  # noqa: E402
-from util.checkpoint import CheckpointError  # noqa: E402
+from checkpoint.format import CheckpointError  # noqa: E402
 from util.misc import NestedTensor  # noqa: E402
 
 logger = logging.getLogger("dino.export_onnx")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from util.checkpoint import CheckpointError, atomic_save, load_checkpoint  # noqa: E402
-from util.resume import architecture_differences, hyperparameter_changes  # noqa: E402
+from checkpoint.format import CheckpointError, atomic_save, load_checkpoint  # noqa: E402
+from checkpoint.resume import architecture_differences, hyperparameter_changes  # noqa: E402
 from util.weights import strip_module_prefix  # noqa: E402
 from util.config import load_config  # noqa: E402
 

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from models.inference import WEIGHT_CHOICES, as_pil_image, load_detector  # noqa: E402
-from util.checkpoint import CheckpointError  # noqa: E402
+from checkpoint.format import CheckpointError  # noqa: E402
 
 
 def find_images(spec: str) -> list:

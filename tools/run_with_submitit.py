@@ -62,7 +62,7 @@ class Trainer:
         argv = [a.replace("%j", str(job.job_id).split("_")[0]) for a in self.main_argv]
         if self.requeues and dist_env.rank == 0:
             print(f"requeue {self.requeues}: rerunning the same command, which continues the run", flush=True)
-        code = dino_main.cli(argv)
+        code = dino_main.run(argv)
         # After a stop signal the state is saved (exit code 3). SIGUSR2 is submitit's preemption/timeout notice:
         # let it do the rest (checkpoint() + requeue + exit). Other signals (scancel, scontrol requeue) end this run.
         requeue = interrupt.previous_handler(signal.SIGUSR2)

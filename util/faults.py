@@ -9,11 +9,16 @@ evaluation batch, "checkpoint_commit" of a save that writes other files before c
 "error" (an OSError, as a broken file gives), "sigterm" (the process sends itself SIGTERM and goes on), "kill"
 (SIGKILL), "nan" (the point's values become NaN: predictions at "eval_batch", loss terms at
 "loss").
-"rank" and "call" may be left out: every process, every pass."""
+"rank" and "call" may be left out: every process, every pass. Two more entries change what the run sees:
+{"at": "disk_free", "bytes": N} makes the checkpoint store see N bytes free on output_dir's disk, and
+{"at": "after_step" or "eval_batch", "sleep": S} pauses S seconds there (a slow step, a long evaluation), so
+that a test's signal lands where it means to."""
 import collections
 import json
 import os
+import shutil
 import signal
+import time
 from typing import Optional
 
 import torch
@@ -30,10 +35,23 @@ def _planned(point: str) -> Optional[str]:
         return None
     _passes[point] += 1
     for fault in _PLAN:
-        if (fault["at"] == point and fault.get("rank", dist_utils.get_rank()) == dist_utils.get_rank()
+        if (fault["at"] == point and "error" in fault and fault.get("rank", dist_utils.get_rank()) == dist_utils.get_rank()
                 and fault.get("call", _passes[point]) == _passes[point]):
             return fault["error"]
     return None
+
+
+def free_bytes(path: str) -> int:
+    """The free bytes of path's disk, or the planned "disk_free"."""
+    planned = [fault["bytes"] for fault in _PLAN if fault["at"] == "disk_free"]
+    return planned[0] if planned else shutil.disk_usage(path).free
+
+
+def pause(point: str) -> None:
+    """Sleep where the plan asks for a pause at `point`."""
+    for fault in _PLAN:
+        if fault["at"] == point and "sleep" in fault:
+            time.sleep(fault["sleep"])
 
 
 def check(point: str) -> Optional[str]:

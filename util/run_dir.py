@@ -1,5 +1,5 @@
-"""The output_dir of a run: one run at a time (a lock a killed run cannot leave stuck), log.txt and the id of
-the run whose files it holds."""
+"""The output_dir of a run: one run at a time (a lock a killed run cannot leave stuck), log.txt, events.jsonl,
+and setting aside the files of a previous run."""
 import fcntl
 import json
 import logging
@@ -8,14 +8,13 @@ import re
 import time
 from typing import Optional
 
-from util.checkpoint import LATEST, read_record
 from util.misc import atomic_write
 
 logger = logging.getLogger("dino.run_dir")
 
 LOCK = ".lock"
 LOG = "log.txt"
-RUN_ID = "run_id.txt"
+EVENTS = "events.jsonl"
 
 
 class OutputDirError(RuntimeError):
@@ -44,8 +43,9 @@ def lock(output_dir: str):
     return handle
 
 
-def _records(path: str):
-    """(line, record) pairs of log.txt; a line a kill tore apart is skipped with a warning, never fatal."""
+def _records(path: str, quiet: bool = False):
+    """(line, record) pairs of a JSON-lines file; a line a kill tore apart is skipped (with a warning unless
+    quiet), never fatal."""
     if not os.path.exists(path):
         return []
     pairs = []
@@ -54,6 +54,8 @@ def _records(path: str):
             try:
                 record = json.loads(line) if line.strip() else None
             except json.JSONDecodeError:
+                if quiet:
+                    continue
                 logger.warning("%s line %d is not valid JSON (cut off by a kill?): dropped", path, number)
                 continue
             if isinstance(record, dict):
@@ -74,6 +76,30 @@ def truncate_log(output_dir: str, first_epoch: int) -> None:
         atomic_write(path, lambda f: f.write(kept.encode()))
 
 
+def append_event(output_dir: str, event: str, **fields) -> None:
+    """One line of events.jsonl, the run's machine-readable history, {"time", "event", ...}; programs read it
+    (read_events), never the log's sentences. Events, with their fields:
+      started    world_size, precision, eval_only
+      start      how (continue, resume, weights or scratch), path, reason (why not continue), run_id, epoch,
+                 iteration: where training starts
+      step       epoch, iteration, iterations, loss: every tenth of an epoch
+      saved      files, epoch_done (the last completed epoch), iteration, eval_pending, seconds: once written
+      evaluated  epoch, ap, ema_ap
+      stopped    signal, where, saved, epoch, iteration
+      finished   seconds, epoch
+      error      message, code"""
+    if output_dir:
+        record = {"time": round(time.time(), 3), "event": event, **fields}
+        with open(os.path.join(output_dir, EVENTS), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_events(output_dir: str, event: Optional[str] = None) -> list:
+    """events.jsonl's records (only those of one kind with `event`); a torn last line is skipped."""
+    path = os.path.join(output_dir, EVENTS)
+    return [r for _, r in _records(path, quiet=True) if event is None or r.get("event") == event]
+
+
 def append_log(output_dir: str, record: dict) -> None:
     with open(os.path.join(output_dir, LOG), "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -81,26 +107,13 @@ def append_log(output_dir: str, record: dict) -> None:
         os.fsync(f.fileno())
 
 
-def write_run_id(output_dir: str, run_id: str) -> None:
-    """Which run output_dir's files belong to, readable when checkpoint.pth (which records it too) is not."""
-    atomic_write(os.path.join(output_dir, RUN_ID), lambda f: f.write(run_id.encode() + b"\n"))
-
-
-def read_run_id(output_dir: str):
-    try:
-        with open(os.path.join(output_dir, RUN_ID)) as f:
-            return f.read().strip() or None
-    except OSError:
-        return None
-
-
 # What a run leaves in its output_dir beside info.txt (which keeps every run's history) and the dataset checks.
-RUN_FILES = re.compile(r'^(checkpoint.*\.pth|log\.txt|run_id\.txt|eval|tb|sample_ids|config_cfg\.py|'
+RUN_FILES = re.compile(r'^(checkpoint.*\.pth|log\.txt|events\.jsonl|run_id\.txt|eval|tb|sample_ids|config_cfg\.py|'
                        r'config_args_all\.json)$')
 
 
-def set_aside(output_dir: str, keep: Optional[str] = None) -> tuple:
-    """Move the files of the run in output_dir to output_dir/previous/<its run id>/, so that a new run never
+def set_aside(output_dir: str, run_id: Optional[str], keep: Optional[str] = None) -> tuple:
+    """Move the files of the run `run_id` in output_dir to output_dir/previous/<run_id>/, so that a new run never
     mixes with them (pruning, falling back). `keep`: a path left in place (the new run's own source).
     Returns (the folder, the names moved); (None, []) when there was nothing to move."""
     if not os.path.isdir(output_dir):
@@ -109,10 +122,7 @@ def set_aside(output_dir: str, keep: Optional[str] = None) -> tuple:
              and not (keep and os.path.realpath(os.path.join(output_dir, f)) == os.path.realpath(keep))]
     if not any(f.endswith(".pth") or f == LOG for f in names):  # no run was there, only empty folders
         return None, []
-    records = [read_record(os.path.join(output_dir, f)) or {} for f in (LATEST, *names) if f.endswith('.pth')]
-    run_id = next((r['run_id'] for r in records if r.get('run_id')), None) or read_run_id(output_dir) or \
-        time.strftime('unknown-%Y%m%d-%H%M%S')
-    folder = os.path.join(output_dir, 'previous', run_id)
+    folder = os.path.join(output_dir, 'previous', run_id or time.strftime('unknown-%Y%m%d-%H%M%S'))
     while os.path.exists(folder):
         folder += '+'
     os.makedirs(folder)

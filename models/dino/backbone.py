@@ -83,7 +83,7 @@ def load_pretrained_backbone(model: nn.Module, spec: Optional[str]) -> Optional[
     if spec == "imagenet":
         state_dict, source = _imagenet_state_dict(backbone.name)
     else:
-        from util.checkpoint import load_checkpoint
+        from checkpoint.format import load_checkpoint
 
         state_dict, source = load_checkpoint(spec)["model"], spec
     count = _load_into(backbone.body, state_dict, source)

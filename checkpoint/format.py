@@ -1,4 +1,5 @@
-"""The checkpoint file format and its safe I/O (the resume policy is util/resume.py).
+"""The checkpoint file format and its safe I/O (where the files live: checkpoint/store.py; the resume policy:
+checkpoint/resume.py).
 
 Checkpoints hold only tensors and plain Python values, so they are always read with
 ``weights_only=True``: a checkpoint from elsewhere can never run code on load. Writes are atomic, so
@@ -245,93 +246,9 @@ def _first_sentence(error: Exception) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Training checkpoints: what they hold and where they live in output_dir
-
-FORMAT_VERSION = 2  # 2: 'origin', 'environment', 'datasets', 'eval_pending', 'epoch_time', global 'samples_done'
-LATEST = 'checkpoint.pth'
-_NUMBERED = re.compile(r'checkpoint(\d{4})\.pth$')
-_TEMPORARY = re.compile(r'^\..+\.tmp-\d+$')  # util.misc.atomic_write's temporary files
-
+# Plain values
 
 def plain_args(args) -> dict:
     """args as plain JSON-like values, so checkpoints never pickle a Namespace."""
     return {k: v for k, v in vars(args).items()
             if k != 'config' and isinstance(v, (int, float, str, bool, list, tuple, dict, type(None)))}
-
-
-def training_state(model, optimizer, lr_scheduler, scaler, ema, *, epoch: int, iteration: int, samples_done: int,
-                   num_samples: int, iterations: int, args, best: dict, meters: dict, rng_states: list, facts: dict,
-                   eval_pending: bool = False, epoch_time: float = 0.0, recent_losses: list = (),
-                   epoch_samples: Optional[int] = None, requested_accumulate_steps: Optional[int] = None) -> dict:
-    """Everything needed to continue exactly. `epoch` is the last completed epoch (DINO's convention),
-    `iteration` the steps already done in epoch + 1 and `samples_done` the global samples they took from the
-    epoch's order (both 0 at an epoch boundary), of the `epoch_samples` that epoch trains (set mid-epoch).
-    `eval_pending`: epoch `epoch` is trained but not yet evaluated; `meters` then holds its loss sums and
-    `epoch_time` its training time; `requested_accumulate_steps` the command's, which keep_global_batch
-    (util/resume.py) may have changed. `facts` are the run's fixed records: 'origin' (its starting point,
-    util/resume.py), 'categories' (the training set's [{'id', 'name'}], so a checkpoint alone can name what it
-    detects), 'environment' (util/environment.py) and 'datasets' (each split's fingerprint)."""
-    state = {
-        'model': model.state_dict(),
-        'optimizer': optimizer.state_dict(),
-        'lr_scheduler': lr_scheduler.state_dict(),
-        'epoch': epoch,
-        'iteration': iteration,
-        'iterations_per_epoch': iterations,
-        # The data order is a pure function of the seed and the epoch (datasets/sampler.py): samples_done says
-        # exactly which samples of it were trained on, whatever the number of processes that continues.
-        'data_order': {'scheme': 'global-batch', 'seed': args.seed, 'world_size': getattr(args, 'world_size', 1),
-                       'batch_size': args.batch_size, 'accumulate_steps': getattr(args, 'accumulate_steps', 1),
-                       'samples_done': samples_done, 'num_samples': num_samples,
-                       'epoch_samples': epoch_samples,
-                       'requested_accumulate_steps': requested_accumulate_steps or
-                       getattr(args, 'accumulate_steps', 1)},
-        'args': plain_args(args),
-        **facts,
-        'best': dict(best),
-        'meters': meters,
-        'recent_losses': list(recent_losses),  # the last training losses: compared with the first after a resume
-        'eval_pending': eval_pending,
-        'epoch_time': epoch_time,
-        'rng': rng_states,
-        'format_version': FORMAT_VERSION,
-        'torch_version': str(torch.__version__),
-    }
-    if scaler is not None:
-        state['scaler'] = scaler.state_dict()
-    if ema is not None:
-        state['ema_model'] = ema.state_dict()
-    return state
-
-
-def ema_weights_state(state: dict) -> dict:
-    """checkpoint_best_ema.pth: the EMA weights as 'model' (as the official code saves them) and no optimizer,
-    so --eval, fine-tuning and the tools use the EMA model and a --resume of it loads weights only."""
-    keep = ('epoch', 'args', 'origin', 'run_id', 'categories', 'best', 'format_version', 'torch_version')
-    weights = {k[len('module.'):]: v for k, v in state['ema_model'].items() if k.startswith('module.')}
-    return {'model': weights, 'model_is_ema': True, **{k: state[k] for k in keep}}
-
-
-def prune_numbered(output_dir: str, keep: int, run_id: str) -> None:
-    """Drop this run's oldest checkpoint{epoch:04d}.pth beyond its newest `keep` (0 keeps all). Called only
-    after a new numbered checkpoint was written, so the newest intact one is never the one removed. Files of
-    another run are never touched; files without a run id (earlier versions) count as this run's."""
-    if keep > 0:
-        for name in numbered_checkpoints(output_dir, run_id)[:-keep]:
-            os.remove(os.path.join(output_dir, name))
-
-
-def numbered_checkpoints(output_dir: str, run_id: Optional[str] = None) -> List[str]:
-    """checkpoint{epoch:04d}.pth names in output_dir, oldest epoch first; with run_id, only that run's."""
-    names = sorted(f for f in os.listdir(output_dir) if _NUMBERED.match(f))
-    if run_id is None:
-        return names
-    return [f for f in names if (read_record(os.path.join(output_dir, f)) or {}).get('run_id') in (run_id, None)]
-
-
-def remove_stale_temporary_files(output_dir: str) -> List[str]:
-    """Temporary files of saves that a kill interrupted; call only while holding output_dir's lock."""
-    stale = [f for f in os.listdir(output_dir) if _TEMPORARY.match(f)]
-    for name in stale:
-        os.remove(os.path.join(output_dir, name))
-    return stale

@@ -11,22 +11,20 @@ import logging
 import math
 import os
 import platform
-import shutil
 import time
 import uuid
-import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
 
+from checkpoint.format import CheckpointError, load_checkpoint, read_record
+from checkpoint.store import CheckpointStore
+from training.optim import scheduler_steps_before
+from training.progress import Layout, Progress
 from util import distributed as dist_utils
-from util import environment, faults, run_dir
-from util.checkpoint import (LATEST, BackgroundWriter, CheckpointError, CheckpointWriteError, ema_weights_state,
-                             load_checkpoint, numbered_checkpoints, prune_numbered, read_record, seal, snapshot,
-                             training_state, write_bytes)
-from util.misc import atomic_write
-from util.rng import capture_rng_state, restore_rng_state
+from util import environment, run_dir
+from util.rng import restore_rng_state
 from util.weights import load_model_weights
 
 logger = logging.getLogger("dino.resume")
@@ -118,22 +116,23 @@ class Start:
     path: str = ""
     checkpoint: dict = field(default_factory=dict)
     run_id: str = ""  # the run's: the checkpoint's when continuing, a new one otherwise
+    why: str = ""  # why it does not continue output_dir's run (rank 0's)
 
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
 
-def choose_start(args) -> Start:
+def choose_start(args, store: CheckpointStore) -> Start:
     """Rank 0 applies the rule above and logs the decision; every other process then reads the same file and
     checks that it is the same (nodes that do not share output_dir would otherwise start from different
     states and diverge). A damaged explicit source is an error."""
     start, error = None, None
     if dist_utils.is_main_process():
         try:
-            start, why = decide_start(args)
+            start, start.why = decide_start(args, store)
             if start.kind != "continue" and args.output_dir:
-                _set_aside_previous_run(args, why)
+                _set_aside_previous_run(args, store, start.why)
         except Exception as e:
             error = e
     dist_utils.check_together(error)
@@ -147,8 +146,9 @@ def choose_start(args) -> Start:
         except CheckpointError as e:
             error = e
     dist_utils.check_together(error)
+    store.run_id = start.run_id
     if dist_utils.is_main_process() and args.output_dir:
-        run_dir.write_run_id(args.output_dir, start.run_id)
+        store.write_run_id(start.run_id)
     return start
 
 
@@ -176,11 +176,11 @@ def _same_start(args, kind: str, path: str, record) -> Start:
     return start
 
 
-def decide_start(args):
+def decide_start(args, store: CheckpointStore):
     """(where this command starts, why it does not continue output_dir's run) by the rule above, touching no
     file: what tools/chaos.py predicts with."""
     origin = run_origin(args)
-    own = _newest_intact_checkpoint(args.output_dir) if args.output_dir else None
+    own = store.newest_intact() if args.output_dir else None
     if own and not args.no_auto_resume:
         path, checkpoint = own
         saved = checkpoint.get("origin", SCRATCH)  # files of format 1 record none: they came from plain runs
@@ -201,89 +201,55 @@ def decide_start(args):
     return Start("scratch", run_id=new_run_id()), why
 
 
-def _set_aside_previous_run(args, why: str) -> None:
+def _set_aside_previous_run(args, store: CheckpointStore, why: str) -> None:
     """A new run never mixes with the files of the one before it in output_dir: they move to previous/."""
-    folder, moved = run_dir.set_aside(args.output_dir, keep=args.resume or args.pretrain_model_path)
+    if not os.path.isdir(args.output_dir):
+        return
+    folder, moved = run_dir.set_aside(args.output_dir, store.previous_run_id(),
+                                      keep=args.resume or args.pretrain_model_path)
     if moved:
         logger.warning("%s; moved the files of the run that was there to %s: %s", why, folder, ", ".join(moved))
 
 
-def keep_global_batch(start: Start, args) -> None:
-    """Continuing on another number of processes keeps the checkpoint's global batch (processes x batch_size x
-    accumulate_steps) by changing accumulate_steps, when it divides evenly and the command asks for the
-    accumulation the run was started with (`requested_accumulate_steps`); batch_size, which sets the memory
-    a process needs, stays as configured. Call before the loaders are built."""
+def layout_for(start: Start, args, num_samples: int) -> Layout:
+    """How this run splits its steps. Continuing on another number of processes keeps the checkpoint's global
+    batch (processes x batch_size x accumulate_steps) by changing accumulate_steps, when it divides evenly and
+    the command asks for the accumulation the run was started with; batch_size, which sets the memory a
+    process needs, stays as configured."""
+    world_size, steps = dist_utils.get_world_size(), args.accumulate_steps
     order = start.checkpoint.get("data_order") or {}
-    if start.kind not in ("continue", "resume") or not args.keep_global_batch or "world_size" not in order:
-        return
-    saved_steps = order.get("accumulate_steps", 1)
-    if args.accumulate_steps != order.get("requested_accumulate_steps", saved_steps):
-        return  # the command asks for another accumulation: that is its choice
-    saved = order["world_size"] * order["batch_size"] * saved_steps
-    per_window = dist_utils.get_world_size() * args.batch_size
-    if saved % per_window == 0 and saved // per_window != args.accumulate_steps:
-        args.accumulate_steps = saved // per_window
-
-
-def _newest_intact_checkpoint(output_dir: str):
-    """(path, checkpoint) of output_dir/checkpoint.pth, or of the newest intact numbered checkpoint if that one
-    is damaged (with a warning); None when there is none at all."""
-    if not os.path.isdir(output_dir):
-        return None
-    latest = os.path.join(output_dir, LATEST)
-    # Fall back only to files of checkpoint.pth's run, named in it or, where it is unreadable, beside it.
-    run_id = (read_record(latest) or {}).get("run_id") or run_dir.read_run_id(output_dir)
-    names = ([LATEST] if os.path.exists(latest) else []) + numbered_checkpoints(output_dir, run_id)[::-1]
-    for name in names:
-        path = os.path.join(output_dir, name)
-        try:
-            checkpoint = load_checkpoint(path)
-        except CheckpointError as e:
-            logger.warning("auto-resume: %s", e)
-            continue
-        if name != names[0]:
-            logger.warning("auto-resume fell back to %s, the newest intact checkpoint in %s", name, output_dir)
-        return path, checkpoint
-    if names:
-        raise CheckpointError(f"every checkpoint in {output_dir} is damaged; move them away to start from "
-                              "scratch, or pass --no_auto_resume")
-    return None
+    if start.kind in ("continue", "resume") and args.keep_global_batch and "world_size" in order:
+        saved_steps = order.get("accumulate_steps", 1)
+        if args.accumulate_steps == order.get("requested_accumulate_steps", saved_steps):
+            saved = order["world_size"] * order["batch_size"] * saved_steps
+            per_window = world_size * args.batch_size
+            if saved % per_window == 0:
+                steps = saved // per_window
+    return Layout(world_size, args.batch_size, steps, args.accumulate_steps, args.seed, num_samples)
 
 
 # ---------------------------------------------------------------------------------------------
 # Restoring
 
-@dataclass
-class Position:
-    """Where the training loop starts. `pending`: an epoch that was trained but not evaluated
-    ({'epoch', 'train_meters', 'train_time'}), to evaluate before training goes on."""
-    epoch: int = 0
-    iteration: int = 0
-    samples_done: int = 0
-    epoch_samples: Optional[int] = None  # the samples that epoch trains (None: the whole steps of this layout)
-    best: dict = field(default_factory=dict)
-    meters: dict = field(default_factory=dict)
-    scheduler_steps: int = 0
-    recent_losses: list = field(default_factory=list)
-    pending: Optional[dict] = None
-
-
-def restore(start: Start, state: "TrainState") -> Position:
+def restore(start: Start, trainer) -> Progress:
+    """Put the trainer's model, optimizer, scaler, EMA and random state where `start` says, and return where
+    training stands. `trainer` (training/trainer.py) has model, optimizer, scaler, ema, args, iterations (per
+    epoch), layout and facts."""
     if start.kind in ("continue", "resume"):
-        return _restore_full(start, state)
-    args = state.args
-    position = Position(epoch=args.start_epoch or 0)
-    position.scheduler_steps = position.epoch * (state.iterations if args.lr_scheduler == "onecycle" else 1)
+        return _restore_full(start, trainer)
+    args = trainer.args
+    progress = Progress(epoch=args.start_epoch or 0)
+    progress.scheduler_steps = scheduler_steps_before(progress.epoch, trainer.iterations, args)
     if start.kind == "weights":
-        report = load_weights(state.model, start.path, start.checkpoint, args.finetune_ignore)
+        report = load_weights(trainer.model, start.path, start.checkpoint, args.finetune_ignore)
         _refuse_another_architecture(report, start.path, args)
         why = "--finetune_ignore" if args.finetune_ignore else "the checkpoint holds no optimizer state" \
             if args.resume else "--pretrain_model_path"
         logger.info("Loaded model weights only from %s (%s); optimizer and schedule start fresh at epoch %d:\n%s",
-                    start.path, why, position.epoch, report.format())
+                    start.path, why, progress.epoch, report.format())
     else:
-        logger.info("Training from scratch, epoch %d", position.epoch)
-    return position
+        logger.info("Training from scratch, epoch %d", progress.epoch)
+    return progress
 
 
 def _refuse_another_architecture(report, path: str, args) -> None:
@@ -309,9 +275,9 @@ def load_weights(model, path: str, checkpoint: dict, ignore=None):
     return report
 
 
-def _restore_full(start: Start, state: "TrainState") -> Position:
+def _restore_full(start: Start, trainer) -> Progress:
     """Continue a run exactly where its checkpoint stopped."""
-    checkpoint, path, args = start.checkpoint, start.path, state.args
+    checkpoint, path, args = start.checkpoint, start.path, trainer.args
     missing = [k for k in ("epoch", "lr_scheduler") if k not in checkpoint]
     if missing or "last_epoch" not in checkpoint.get("lr_scheduler", {}):
         what = " or ".join(missing) or "lr_scheduler position"
@@ -323,57 +289,49 @@ def _restore_full(start: Start, state: "TrainState") -> Position:
     if diffs:
         raise CheckpointError(f"{path} was trained with a different architecture ({'; '.join(diffs)}): use "
                               "--pretrain_model_path (or --resume with --finetune_ignore) to fine-tune from it")
-    report = load_model_weights(state.model, checkpoint["model"])
+    report = load_model_weights(trainer.model, checkpoint["model"])
     misfits = report.missing + report.unexpected + [key for key, _, _ in report.shape_mismatch]
     if misfits:
         raise CheckpointError(f"{path} does not fit the model built from the config ({len(report.missing)} missing, "
                               f"{len(report.unexpected)} unexpected, {len(report.shape_mismatch)} mismatched keys, "
                               f"e.g. {misfits[0]}): "
                               "check that -c and --options describe the checkpoint's architecture")
-    position = Position(epoch=checkpoint["epoch"] + 1, iteration=checkpoint.get("iteration", 0),
-                        best=checkpoint.get("best") or {}, meters=checkpoint.get("meters") or {},
-                        scheduler_steps=checkpoint["lr_scheduler"]["last_epoch"],
-                        recent_losses=checkpoint.get("recent_losses") or [])
-    _restore_optimizer(state.optimizer, checkpoint, path)
-    _apply_configured_lrs(state.optimizer, args)
-    if state.scaler is not None and "scaler" in checkpoint:
-        state.scaler.load_state_dict(checkpoint["scaler"])
-    if state.ema is not None:
+    progress = Progress.from_state(checkpoint, trainer.layout.num_samples)
+    _restore_optimizer(trainer.optimizer, checkpoint, path)
+    _apply_configured_lrs(trainer.optimizer, args)
+    if trainer.scaler is not None and "scaler" in checkpoint:
+        trainer.scaler.load_state_dict(checkpoint["scaler"])
+    if trainer.ema is not None:
         if "ema_model" in checkpoint:
-            state.ema.load_state_dict(checkpoint["ema_model"])
+            trainer.ema.load_state_dict(checkpoint["ema_model"])
         else:
             logger.warning("the checkpoint has no EMA weights: the EMA restarts from the current model")
-    layout_note = _restore_data_position(checkpoint, position, state)
+    layout_note = _move_to_layout(checkpoint, progress, trainer.layout)
     if start.kind == "continue":
         origin = describe_origin(checkpoint.get("origin", SCRATCH))
         how = f"Continuing the interrupted run in {args.output_dir} ({origin})"
     else:
         how = f"Resuming training from {path}"
-    logger.info("%s: epoch %d, iteration %d of %d, to %d total epochs", how, position.epoch, position.iteration,
-                state.iterations, args.epochs)
+    logger.info("%s: epoch %d, iteration %d of %d, to %d total epochs", how, progress.epoch, progress.iteration,
+                trainer.iterations, args.epochs)
     for change in hyperparameter_changes(saved_args, vars(args)):
         logger.info("  changed since the checkpoint: %s", change)
-    for change in environment.differences(checkpoint.get("environment") or {}, state.facts["environment"]):
+    for change in environment.differences(checkpoint.get("environment") or {}, trainer.facts["environment"]):
         logger.warning("  the environment changed since the checkpoint: %s", change)
-    _check_data(checkpoint, path, state)
+    _check_data(checkpoint, path, trainer.facts["datasets"], args.allow_data_change)
     if layout_note:
         logger.warning("  %s", layout_note)
     _restore_rng(checkpoint)
-    if checkpoint.get("eval_pending"):
-        position.pending = {"epoch": checkpoint["epoch"], "train_meters": position.meters,
-                            "train_time": checkpoint.get("epoch_time", 0.0)}
-        position.meters = {}
-    if start.kind == "resume" and args.start_epoch is not None and args.start_epoch != position.epoch:
-        logger.info("  --start_epoch %d overrides the checkpoint's epoch %d", args.start_epoch, position.epoch)
-        position.epoch, position.iteration, position.meters, position.pending = args.start_epoch, 0, {}, None
-        position.samples_done = 0
-        position.scheduler_steps = position.epoch * (state.iterations if args.lr_scheduler == "onecycle" else 1)
-    return position
+    if start.kind == "resume" and args.start_epoch is not None and args.start_epoch != progress.epoch:
+        logger.info("  --start_epoch %d overrides the checkpoint's epoch %d", args.start_epoch, progress.epoch)
+        progress = Progress(epoch=args.start_epoch, best=progress.best, recent_losses=progress.recent_losses,
+                            scheduler_steps=scheduler_steps_before(args.start_epoch, trainer.iterations, args))
+    return progress
 
 
-def _check_data(checkpoint: dict, path: str, state: "TrainState") -> None:
+def _check_data(checkpoint: dict, path: str, current: dict, allowed: bool) -> None:
     """Continuing on other data than the checkpoint's is refused unless --allow_data_change says it is meant."""
-    saved, current = checkpoint.get("datasets") or {}, state.facts["datasets"]
+    saved = checkpoint.get("datasets") or {}
     changes = []
     for split in sorted(set(saved) & set(current)):
         before, now = saved[split], current[split]
@@ -383,7 +341,7 @@ def _check_data(checkpoint: dict, path: str, state: "TrainState") -> None:
             changes.append(f"{split} annotation file {now['annotation_file']}: its content changed")
     if not changes:
         return
-    if not state.args.allow_data_change:
+    if not allowed:
         raise CheckpointError(f"the data changed since {path} was written ({'; '.join(changes)}): pass "
                               "--allow_data_change to continue on the new data, or point to the old data")
     for change in changes:
@@ -424,35 +382,28 @@ def _apply_configured_lrs(optimizer, args) -> None:
         group["weight_decay"] = args.weight_decay
 
 
-def _restore_data_position(checkpoint: dict, position: Position, state: "TrainState") -> Optional[str]:
-    """Where the epoch stands, in global samples. Another number of processes or batch size continues the same
+def _move_to_layout(checkpoint: dict, progress: Progress, layout: Layout) -> Optional[str]:
+    """Where the epoch stands in this layout. Another number of processes or batch size continues the same
     epoch order from the same sample; only a checkpoint of the older per-process order restarts the epoch.
     Returns what changed, for the log."""
-    args, order = state.args, checkpoint.get("data_order") or {}
-    world_size = dist_utils.get_world_size()
+    order = checkpoint.get("data_order") or {}
     note = None
-    saved = (order.get("world_size", 1), order.get("batch_size", args.batch_size), order.get("accumulate_steps", 1))
-    if order.get("scheme") == "global-batch":
-        position.samples_done = order["samples_done"]
-        if position.samples_done:  # the epoch trains what its first layout's whole steps hold
-            step = math.prod(saved)
-            position.epoch_samples = order.get("epoch_samples") or state.num_samples // step * step
-    elif position.iteration:
-        note = f"the checkpoint stopped mid-epoch in an older data order: epoch {position.epoch} restarts"
-        position.meters = {}
-    layout = (world_size, args.batch_size, args.accumulate_steps)
-    if saved != layout:
-        kept = state.requested_accumulate_steps not in (None, args.accumulate_steps)  # by keep_global_batch
-        where = (f"epoch {position.epoch} continues from sample {position.samples_done} of its order, split among "
-                 "the processes now running; " if position.samples_done else "")
+    saved = (order.get("world_size", 1), order.get("batch_size", layout.batch_size), order.get("accumulate_steps", 1))
+    if order.get("scheme") != "global-batch" and progress.iteration:
+        note = f"the checkpoint stopped mid-epoch in an older data order: epoch {progress.epoch} restarts"
+        progress.meters = {}
+    if saved != layout.sizes:
+        kept = layout.requested_accumulate_steps != layout.accumulate_steps  # by layout_for
+        where = (f"epoch {progress.epoch} continues from sample {progress.samples_done} of its order, split among "
+                 "the processes now running; " if progress.samples_done else "")
         note = (f"the checkpoint was written by {saved[0]} process(es) x batch {saved[1]} x accumulate_steps "
-                f"{saved[2]}, now {layout[0]} x {layout[1]} x {layout[2]}: {where}"
-                f"{_global_batch_change(saved, layout, kept)}")
-        rest = (position.epoch_samples or 0) - position.samples_done
-        if rest % math.prod(layout):
-            note += (f"; the epoch's last step trains its last {rest % math.prod(layout)} image(s), fewer than "
+                f"{saved[2]}, now {layout.world_size} x {layout.batch_size} x {layout.accumulate_steps}: {where}"
+                f"{_global_batch_change(saved, layout.sizes, kept)}")
+        rest = (progress.epoch_samples or 0) - progress.samples_done
+        if rest % layout.step_samples:
+            note += (f"; the epoch's last step trains its last {rest % layout.step_samples} image(s), fewer than "
                      "a global batch, so that every image of the epoch is trained once")
-    position.iteration = position.samples_done // math.prod(layout)
+    progress.iteration = progress.samples_done // layout.step_samples
     return note
 
 
@@ -471,154 +422,3 @@ def _restore_rng(checkpoint: dict) -> None:
     elif rng:
         logger.warning("  RNG states were saved for %d process(es), now %d: random draws will differ from an "
                        "uninterrupted run", len(rng), world_size)
-
-
-def position_scheduler(scheduler, steps: int) -> None:
-    """Put a fresh schedule where an uninterrupted run would be after `steps` steps: the same float
-    operations in the same order, so the lr is bit-identical."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "scheduler.step() before optimizer.step()": intended
-        for _ in range(steps):
-            scheduler.step()
-
-
-# ---------------------------------------------------------------------------------------------
-# Saving
-
-@dataclass
-class TrainState:
-    """What a training checkpoint captures, and the facts of the run it records beside it. Saves are
-    asynchronous: the state is copied to host memory (the only stall), then written by a background thread
-    while training goes on; the next save, or finish(), waits for it."""
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scaler: Optional[torch.amp.GradScaler]
-    ema: Optional[torch.nn.Module]
-    args: object
-    iterations: int
-    num_samples: int
-    facts: dict  # origin, categories, environment, datasets: see util.checkpoint.training_state
-    scheduler: object = None
-    requested_accumulate_steps: Optional[int] = None  # the command's, before keep_global_batch
-    best_written: dict = field(default_factory=dict)  # per kind, the best whose file is on disk
-    writer: BackgroundWriter = field(default_factory=BackgroundWriter)
-
-    def save(self, names, *, epoch: int, iteration: int, samples_done: int, best: dict, meters: dict,
-             recent_losses: list = (), eval_pending: bool = False, epoch_time: float = 0.0, wait: bool = False,
-             rng_state: Optional[dict] = None, epoch_samples: Optional[int] = None) -> None:
-        """Every rank contributes its RNG state (now's, or rng_state, captured at the step being saved); rank 0
-        writes. A failed write (this one with wait=True, else the previous one) makes every rank raise together,
-        so none waits for a partner that stopped."""
-        rng = dist_utils.all_gather_object(rng_state or capture_rng_state())
-        error = None
-        if dist_utils.is_main_process() and self.args.output_dir:
-            try:
-                self.writer.wait()
-                state = snapshot(training_state(
-                    self.model, self.optimizer, self.scheduler, self.scaler, self.ema, epoch=epoch,
-                    iteration=iteration, samples_done=samples_done, epoch_samples=epoch_samples,
-                    requested_accumulate_steps=self.requested_accumulate_steps,
-                    num_samples=self.num_samples,
-                    iterations=self.iterations, args=self.args, best=best, meters=meters, rng_states=rng,
-                    facts=self.facts, eval_pending=eval_pending, epoch_time=epoch_time,
-                    recent_losses=recent_losses))
-                files = self._room_for(names, state, best)
-                self.writer.start(lambda: _write(state, files, self.args.output_dir, self.args.keep_checkpoints))
-                if wait:
-                    self.writer.wait()
-            except CheckpointWriteError as e:
-                error = e
-        if dist_utils.any_rank(error is not None):
-            raise error or CheckpointWriteError("rank 0 could not write a checkpoint (its log says why)")
-        if any(name.startswith("checkpoint_best_") for name in names):  # rank 0 may have kept the previous best
-            written = dist_utils.broadcast_object(dict(best))
-            best.clear()
-            best.update(written)
-
-    def _room_for(self, names: List[str], state: dict, best: dict) -> List[str]:
-        """The files this save writes, in order: checkpoint.pth always and last (the commit point: it never
-        names a best file that is not on disk), each other file (best, numbered) when the disk keeps room for
-        it and the next checkpoint.pth. A best file skipped for room leaves the previous best in `best` and
-        in the state, so the best recorded is always the best whose weights are kept."""
-        free = shutil.disk_usage(self.args.output_dir).free
-        size = _tensor_bytes(state)
-        kept, skipped = [], []
-        for name in (n for n in names if n != LATEST):
-            need = _tensor_bytes(state["ema_model"]) if name == BEST_EMA else size
-            if free < need + size:
-                skipped.append(name)
-                continue
-            kept.append(name)
-            free -= need
-        for kind in list(best):
-            name = f"checkpoint_best_{kind}.pth"
-            if name in kept:
-                self.best_written[kind] = dict(best[kind])
-            elif name in skipped and kind in self.best_written:
-                best[kind] = dict(self.best_written[kind])
-            elif name in skipped:
-                del best[kind]
-        state["best"] = dict(best)
-        if skipped:
-            logger.warning("the disk has %.0f MB free, too little for %s (%.0f MB each): skipped them, kept %s",
-                           free / 2**20, ", ".join(skipped), size / 2**20, LATEST)
-        return kept + [LATEST]
-
-    def back_to_last_good(self, epoch: int) -> str:
-        """After the evaluation of `epoch` found it diverged: checkpoint.pth (which holds that epoch's training)
-        goes back to the newest evaluated state of this run, its newest numbered checkpoint before `epoch`, so
-        that a rerun continues from a good state; the diverged one is kept as checkpoint_diverged.pth. Call on
-        every process. Returns what a rerun does, for the error line."""
-        self.finish()
-        message = None
-        if dist_utils.is_main_process() and self.args.output_dir:
-            out = self.args.output_dir
-            earlier = [n for n in numbered_checkpoints(out, self.facts.get("run_id")) if int(n[10:14]) < epoch]
-            if earlier:
-                os.replace(os.path.join(out, LATEST), os.path.join(out, DIVERGED))
-                with open(os.path.join(out, earlier[-1]), "rb") as source:
-                    atomic_write(os.path.join(out, LATEST), lambda f: shutil.copyfileobj(source, f))
-                message = (f"{LATEST} is back at {earlier[-1]}, the last evaluated state, which a rerun continues "
-                           f"(the same settings diverge the same way: lower lr); the diverged epoch is in {DIVERGED}")
-            else:
-                message = (f"{LATEST} holds that diverged epoch and no earlier evaluated checkpoint is kept: rerun "
-                           "with a lower lr and --no_auto_resume")
-        return dist_utils.broadcast_object(message) or "nothing was saved (no --output_dir)"
-
-    def finish(self) -> None:
-        """Wait for the last write; its failure is every rank's."""
-        error = None
-        if dist_utils.is_main_process():
-            try:
-                self.writer.wait()
-            except CheckpointWriteError as e:
-                error = e
-        if dist_utils.any_rank(error is not None):
-            raise error or CheckpointWriteError("rank 0 could not write a checkpoint (its log says why)")
-
-
-BEST_EMA = "checkpoint_best_ema.pth"
-DIVERGED = "checkpoint_diverged.pth"
-
-
-def _tensor_bytes(obj) -> int:
-    """The bytes of the tensors in obj: a checkpoint file's size, but for a few kB of structure."""
-    if isinstance(obj, torch.Tensor):
-        return obj.untyped_storage().nbytes()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0
-
-
-def _write(state: dict, names: List[str], output_dir: str, keep: int) -> None:
-    """Write the files in the order given (TrainState._room_for: checkpoint.pth last). A kill between them
-    leaves the previous checkpoint.pth, from which the rerun writes them again."""
-    blob = seal(state)
-    for name in names:
-        if name == LATEST and len(names) > 1:
-            faults.check("checkpoint_commit")
-        write_bytes(seal(ema_weights_state(state)) if name == BEST_EMA else blob, os.path.join(output_dir, name))
-        if name.startswith("checkpoint0"):
-            prune_numbered(output_dir, keep, state.get("run_id"))

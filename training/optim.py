@@ -1,0 +1,46 @@
+"""The optimizer and the lr schedule, and putting a fresh schedule where a resumed run stands."""
+import warnings
+
+import torch
+
+
+def build_optimizer(model, args) -> torch.optim.Optimizer:
+    """AdamW with two groups, as the official code: the backbone (lr_backbone) and the rest (lr)."""
+    def is_backbone(name):
+        return any(k in name for k in args.lr_backbone_names)
+    params = [{"params": [p for n, p in model.named_parameters() if not is_backbone(n) and p.requires_grad]},
+              {"params": [p for n, p in model.named_parameters() if is_backbone(n) and p.requires_grad],
+               "lr": args.lr_backbone}]
+    # fused: one kernel for all parameters instead of a dozen small ops per tensor (15% of a CPU demo step)
+    return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=True)
+
+
+def build_scheduler(optimizer, args, iterations_per_epoch: int):
+    """Stepped once per epoch, except onecycle: once per iteration (steps_per_iteration)."""
+    if args.lr_scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
+    if args.lr_scheduler == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_drop_list)
+    if args.lr_scheduler == "onecycle":
+        max_lr = [args.lr, args.lr_backbone]
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, epochs=args.epochs,
+                                                   steps_per_epoch=iterations_per_epoch, pct_start=0.2)
+    raise ValueError(f"lr_scheduler must be step, multistep or onecycle; got {args.lr_scheduler!r}")
+
+
+def steps_per_iteration(args) -> bool:
+    return args.lr_scheduler == "onecycle"
+
+
+def scheduler_steps_before(epoch: int, iterations_per_epoch: int, args) -> int:
+    """How often the schedule has stepped when `epoch` begins."""
+    return epoch * (iterations_per_epoch if steps_per_iteration(args) else 1)
+
+
+def position_scheduler(scheduler, steps: int) -> None:
+    """Put a fresh schedule where an uninterrupted run would be after `steps` steps: the same float
+    operations in the same order, so the lr is bit-identical."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "scheduler.step() before optimizer.step()": intended
+        for _ in range(steps):
+            scheduler.step()
