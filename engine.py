@@ -3,6 +3,7 @@ iteration. What one optimizer step does is training/step.py's."""
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Optional
 
 import torch
@@ -56,26 +57,34 @@ def _log_line(desc: str, it: int, total: int, started: float, done: int, meters:
                 time.strftime("%H:%M:%S", time.gmtime(eta)))
 
 
-def train_one_epoch(step: TrainStep, data_loader, epoch: int, *, start_iter: int = 0, steps: Optional[int] = None,
-                    meters: Optional[Meters] = None, after_iteration: Optional[Callable[[int, Meters, list], None]] = None,
-                    max_iters: Optional[int] = None, log_progress: bool = False, short_last_step: bool = False,
-                    lr_factor: Optional[Callable[[int], float]] = None) -> Dict[str, float]:
-    """Trains from iteration `start_iter` (the loader must already skip the done batches) to the epoch's end.
+@dataclass
+class EpochPlan:
+    """The part of an epoch to train: from iteration `start_iter` (the loader already skips the done batches),
+    `steps` windows (None: the rest of the epoch), of which the last holds fewer images than the others,
+    unevenly spread over the processes, when `short_last_step` (an epoch continued on another layout,
+    datasets/sampler.py); at most `max_iters` iterations (--debug)."""
+    start_iter: int = 0
+    steps: Optional[int] = None
+    short_last_step: bool = False
+    max_iters: Optional[int] = None
 
-    An iteration is one optimizer step (training/step.py) over a window of `step.accumulate_steps` batches of the
-    loader; an epoch's last incomplete window is skipped. `steps`: how many windows the loader yields (default:
-    the rest of the epoch). `short_last_step`: the last of them holds fewer images than the others, unevenly
-    spread over the processes (an epoch continued on another layout, datasets/sampler.py).
+
+def train_one_epoch(step: TrainStep, data_loader, epoch: int, plan: EpochPlan = EpochPlan(),
+                    meters: Optional[Meters] = None, after_iteration: Optional[Callable[[int, Meters, list], None]] = None,
+                    lr_factor: Optional[Callable[[int], float]] = None, log_progress: bool = False) -> Dict[str, float]:
+    """Trains the plan's part of the epoch. An iteration is one optimizer step (training/step.py) over a window
+    of `step.accumulate_steps` batches of the loader; an epoch's last incomplete window is skipped.
     `after_iteration(iterations_done, meters, targets)` runs after every optimizer step: the checkpoint hooks
     live there, so a window is never saved half done (a resumed run replays it). `lr_factor(it)` scales the
-    scheduled lr of iteration `it`'s step (the warm-up, training.step.linear_warmup).
-    """
+    scheduled lr of iteration `it`'s step (the warm-up, training.step.linear_warmup). `log_progress`: plain
+    progress lines even on a terminal."""
     step.model.train()
     step.criterion.train()
     step.start_epoch()
     meters = meters or Meters()
+    start_iter, steps = plan.start_iter, plan.steps
     total = start_iter + steps if steps is not None else len(data_loader) // step.accumulate_steps
-    total = total if max_iters is None else min(max_iters, total)
+    total = total if plan.max_iters is None else min(plan.max_iters, total)
     desc = f"Epoch {epoch}"
     started, log_every = time.time(), max(1, total // 10)
     bar = progress(None, total, start_iter, desc)
@@ -85,7 +94,7 @@ def train_one_epoch(step: TrainStep, data_loader, epoch: int, *, start_iter: int
         window = next_window(batches, step.device)
         if window is None:
             break
-        uneven = short_last_step and steps is not None and it == start_iter + steps - 1
+        uneven = plan.short_last_step and steps is not None and it == start_iter + steps - 1
         loss_value, weighted, lr = step(window, epoch, it, lr_factor(it) if lr_factor is not None else 1.0, uneven)
         meters.update(loss=loss_value, lr=lr, **weighted)
         it += 1

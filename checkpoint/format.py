@@ -17,7 +17,7 @@ import re
 import threading
 import zipfile
 import zlib
-from typing import List, Optional
+from typing import Optional
 
 import torch
 

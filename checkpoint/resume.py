@@ -178,7 +178,7 @@ def _same_start(args, kind: str, path: str, record) -> Start:
 
 def decide_start(args, store: CheckpointStore):
     """(where this command starts, why it does not continue output_dir's run) by the rule above, touching no
-    file: what tools/chaos.py predicts with."""
+    file: what tools/chaos predicts with."""
     origin = run_origin(args)
     own = store.newest_intact() if args.output_dir else None
     if own and not args.no_auto_resume:

@@ -1,20 +1,21 @@
 """Run main.py as a user would (a subprocess) on a tiny DINO and a tiny generated dataset."""
-import json
 import os
+import select
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tiny import ROOT, TINY
+from util.run_dir import read_log  # noqa: F401 (the tests' one log.txt reader)
+
 DEMO = "config/DINO/DINO_demo.py"
-TINY_OPTIONS = ["hidden_dim=32", "nheads=4", "dim_feedforward=64", "enc_layers=1", "dec_layers=2", "num_queries=20",
-                "num_select=30", "dn_number=6", "return_interm_indices=[1,2]", "synthetic_num_train=16",
-                "synthetic_num_val=6", "synthetic_image_size=64", "data_aug_scales=[64]", "data_aug_max_size=64",
-                "data_aug_val_size=64", "batch_size=2", "epochs=2", "lr_drop=1",
-                "use_ema=False"]  # the demo's EMA doubles each evaluation; the EMA tests turn it on
+# The tiny model of tests/tiny.py, at 64 px on 16 + 6 generated images, two short epochs.
+TINY_OPTIONS = [f"{key}={value}" for key, value in TINY.items()] + [
+    "return_interm_indices=[1,2]", "synthetic_num_train=16", "synthetic_num_val=6", "synthetic_image_size=64",
+    "data_aug_scales=[64]", "data_aug_max_size=64", "data_aug_val_size=64", "batch_size=2", "epochs=2", "lr_drop=1",
+    "use_ema=False"]  # the demo's EMA doubles each evaluation; the EMA tests turn it on
 
 
 def run_main(coco_path, output_dir, *extra, options=(), config=DEMO, timeout=300, check=True, env=None,
@@ -48,10 +49,6 @@ def run_tool(tool, *args, timeout=600):
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
 
 
-def read_log(output_dir):
-    return [json.loads(line) for line in (Path(output_dir) / "log.txt").read_text().splitlines() if line.strip()]
-
-
 def wait_for_line(proc, needle, timeout=240):
     """Read a running process's output until a line contains needle; returns everything read so far."""
     lines, deadline = [], time.time() + timeout
@@ -63,6 +60,34 @@ def wait_for_line(proc, needle, timeout=240):
         if needle in line:
             return "".join(lines)
     raise AssertionError(f"never saw {needle!r}:\n{''.join(lines)[-4000:]}")
+
+
+def wait_for_event(proc, output_dir, event, timeout=240, **fields):
+    """Drain a running main.py's output until its events.jsonl (util/run_dir.py) records, after this call,
+    `event` with `fields`, e.g. ("step", epoch=1, iteration=3); returns the output read so far. proc None: a
+    job whose output goes elsewhere, whose whole events.jsonl counts."""
+    from util.run_dir import EventTail
+    tail = EventTail(output_dir, whole=proc is None)
+    chunks, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        tail.read()
+        if any(e["event"] == event and all(e.get(k) == v for k, v in fields.items()) for e in tail.records):
+            return b"".join(chunks).decode(errors="replace")
+        if proc is None:
+            time.sleep(0.1)
+        elif select.select([proc.stdout.fileno()], [], [], 0.05)[0]:
+            data = os.read(proc.stdout.fileno(), 1 << 16)
+            chunks.append(data)
+            if not data and proc.poll() is not None:
+                break
+    raise AssertionError(f"never saw {event} {fields}:\n{b''.join(chunks).decode(errors='replace')[-4000:]}")
+
+
+def last_event(output_dir, event):
+    """The newest record of `event` in output_dir's events.jsonl (None if there is none)."""
+    from util.run_dir import read_events
+    found = read_events(output_dir, event)
+    return found[-1] if found else None
 
 
 def _state(path):

@@ -1,4 +1,4 @@
-"""tools/benchmark.py driven as a user runs it, on a tiny model: every row measured, comparisons in the same run."""
+"""`python -m tools.benchmark` as a user runs it, on a tiny model: every row measured, comparisons in the same run."""
 import json
 import os
 import re
@@ -12,15 +12,17 @@ import torch
 from main import parse_args
 from models import build_model
 from tests.runner import ROOT, TINY_OPTIONS
-from tools.benchmark import KernelTimes, best_ap, demo_summary, read_log, schedule, time_to_ap
+from tools.benchmark.demo import best_ap, demo_summary, schedule, time_to_ap
+from tools.benchmark.workloads import KernelTimes
+from util.run_dir import read_log
 
 MODEL_OPTIONS = ["hidden_dim=32", "nheads=4", "dim_feedforward=64", "enc_layers=1", "dec_layers=2", "num_queries=20",
                  "dn_number=6"]
 
 
 def run_tool(*args, timeout=300):
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), *args], cwd=ROOT, text=True,
-                          capture_output=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    return subprocess.run([sys.executable, "-m", "tools.benchmark", *args], cwd=ROOT, text=True, capture_output=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "2"})
 
 
 def table_rows(stdout: str) -> dict:
@@ -184,6 +186,6 @@ def test_demo_pieces(tmp_path):
     assert demo_summary([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "samples": [3.0, 1.0, 2.0]}
     assert demo_summary([3.0, None]) == {"not_reached": 1, "runs": 2}
     log = tmp_path / "log.txt"
-    log.write_text('{"epoch": 0}\n{"epoch": 1}\n{"epo')  # the last line is still being written
-    assert read_log(log) == [{"epoch": 0}, {"epoch": 1}]
-    assert read_log(tmp_path / "missing.txt") == []
+    log.write_text('{"epoch": 0}\n{"epoch": 1}\n{"epo')  # the demo's reader: the last line is still being written
+    assert read_log(str(tmp_path)) == [{"epoch": 0}, {"epoch": 1}]
+    assert read_log(str(tmp_path / "missing")) == []

@@ -1,4 +1,4 @@
-"""tools/chaos.py, reduced: a few kills of the tiny DINO on one process and under torchrun, each rerun must
+"""python -m tools.chaos, reduced: a few kills of the tiny DINO on one process and under torchrun, each rerun must
 continue, and the run must end exactly where an uninterrupted one ends."""
 import json
 import os
@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from runner import ROOT, TINY_OPTIONS, read_log
-from tools.chaos import Board, differences, main as chaos_main
+from tools.chaos.__main__ import main as chaos_main
+from tools.chaos.checks import differences
+from tools.chaos.series import Board
 from checkpoint.format import atomic_save
 
 SCOREBOARD = re.compile(r"kills survived (\d+)/(\d+), resume failures (\d+), corrupt files (\d+), "
@@ -19,7 +21,7 @@ SCOREBOARD = re.compile(r"kills survived (\d+)/(\d+), resume failures (\d+), cor
 
 
 def run_chaos(data, workdir, *tool_args, main_args=()):
-    cmd = [sys.executable, str(ROOT / "tools" / "chaos.py"), *tool_args, "--workdir", str(workdir),
+    cmd = [sys.executable, "-m", "tools.chaos", *tool_args, "--workdir", str(workdir),
            "-c", "config/DINO/DINO_demo.py", "--coco_path", str(data), "--num_workers", "0", *main_args,
            "--options", *TINY_OPTIONS, "save_every_iters=2"]
     return subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=400,

@@ -13,7 +13,8 @@ import torch
 
 from datasets.sampler import GlobalBatchSampler
 from datasets.synthetic import ensure_synthetic_coco
-from runner import ROOT, TINY_OPTIONS, assert_same_training, popen_main, read_log, run_main, wait_for_line
+from runner import (ROOT, TINY_OPTIONS, assert_same_training, last_event, popen_main, read_log, run_main,
+                    wait_for_event)
 
 
 def _torchrun(data, out, *extra, options=(), faults=None):
@@ -45,7 +46,7 @@ def test_a_mid_epoch_checkpoint_continues_on_any_number_of_processes(tmp_path):
     data, out = tmp_path / "data", tmp_path / "out"
     record = ["--options", "record_sample_ids=True"]
     first = _torchrun(data, out, *record)
-    wait_for_line(first, "Epoch 1 [2/6]")  # after a full epoch with its evaluation
+    wait_for_event(first, out, "step", epoch=1, iteration=2)  # after a full epoch with its evaluation
     os.killpg(first.pid, signal.SIGTERM)  # what a scheduler does: every process of the job gets it
     first_out = first.communicate(timeout=240)[0]  # torchrun itself exits 1 on SIGTERM; its workers saved first
     assert "SIGTERM received during epoch 1: saved" in first_out, first_out[-3000:]
@@ -55,7 +56,7 @@ def test_a_mid_epoch_checkpoint_continues_on_any_number_of_processes(tmp_path):
 
     alone = popen_main(data, out, options=["synthetic_num_train=24", "epochs=3", "record_sample_ids=True",
                                            "batch_size=1", "keep_global_batch=False"])
-    text = wait_for_line(alone, "Epoch 1 [")
+    text = wait_for_event(alone, out, "step", epoch=1)
     alone.send_signal(signal.SIGTERM)
     text += alone.communicate(timeout=120)[0]
     assert alone.returncode == 3, text[-3000:]
@@ -72,7 +73,7 @@ def test_a_mid_epoch_checkpoint_continues_on_any_number_of_processes(tmp_path):
     last = _torchrun(data, out, *record)
     last_out = last.communicate(timeout=300)[0]
     assert last.returncode == 0, last_out[-4000:]
-    assert "now 2 x 2" in last_out and "Continuing the interrupted run" in last_out
+    assert "now 2 x 2" in last_out and last_event(out, "start")["how"] == "continue"
     rest = (24 - before_last["data_order"]["samples_done"]) % 4 if before_last["epoch"] == 0 else 0
     assert (f"the epoch's last step trains its last {rest} image(s)" in last_out) == (rest > 0), last_out[-3000:]
     assert [e["epoch"] for e in read_log(out)] == [0, 1, 2]  # one line per epoch, written by rank 0 only
@@ -94,7 +95,7 @@ def test_continuing_on_more_processes_keeps_the_global_batch_by_accumulation(tmp
     data, out = tmp_path / "data", tmp_path / "out"
     options = ["synthetic_num_train=24", "epochs=3", "record_sample_ids=True"]
     alone = popen_main(data, out, options=options + ["batch_size=4"])
-    text = wait_for_line(alone, "Epoch 0 [")
+    text = wait_for_event(alone, out, "step", epoch=0)
     alone.send_signal(signal.SIGTERM)
     text += alone.communicate(timeout=120)[0]
     assert alone.returncode == 3, text[-3000:]
@@ -108,7 +109,8 @@ def test_continuing_on_more_processes_keeps_the_global_batch_by_accumulation(tmp
             "accumulate_steps 2 (keep_global_batch)") in both_out, both_out[-3000:]
     assert f"epoch 0, iteration {done // 4} of 6" in both_out, both_out[-3000:]
     saved = torch.load(out / "checkpoint.pth", weights_only=True)
-    assert saved["args"]["accumulate_steps"] == 2 and saved["data_order"]["requested_accumulate_steps"] == 1
+    assert saved["data_order"]["accumulate_steps"] == 2 and saved["data_order"]["requested_accumulate_steps"] == 1
+    assert saved["args"]["accumulate_steps"] == 1  # the command's: a resumed layout never rewrites the arguments
     trained = {}
     for rank_file in (out / "sample_ids").glob("rank*.txt"):
         for line in rank_file.read_text().splitlines():
@@ -125,7 +127,7 @@ def test_rerunning_an_interrupted_torchrun_fine_tune_continues_it(tmp_path):
     source = tmp_path / "pretrained" / "checkpoint.pth"
     command = ["--resume", str(source), "--finetune_ignore", "class_embed", "--start_epoch", "1"]
     first = _torchrun(data, out, *command)
-    wait_for_line(first, "Epoch 1 [2/6]")
+    wait_for_event(first, out, "step", epoch=1, iteration=2)
     os.killpg(first.pid, signal.SIGTERM)
     first_out = first.communicate(timeout=240)[0]
     assert "SIGTERM received during epoch 1" in first_out, first_out[-3000:]
@@ -147,7 +149,7 @@ UNEVEN_STEP = """
 import os, sys
 sys.path[:0] = [{root!r}, {tests!r}]
 import torch
-from engine import train_one_epoch
+from engine import EpochPlan, train_one_epoch
 from models import build_model
 from training.step import TrainStep
 from tiny import tiny_args
@@ -168,7 +170,7 @@ before = {{f"before {{k}}": v.detach().clone() for k, v in model.named_parameter
 scaler = torch.amp.GradScaler("cpu", init_scale=4.0) if {scaler} else None  # float16's, as on CUDA
 step = TrainStep(model, criterion, torch.optim.SGD(model.parameters(), lr=1.0), "cpu", scaler=scaler,
                  accumulate_steps=len(batches))
-stats = train_one_epoch(step, batches, 0, steps=1, short_last_step=world > 1)
+stats = train_one_epoch(step, batches, 0, EpochPlan(steps=1, short_last_step=world > 1))
 if rank == 0:
     torch.save({{"loss": stats["loss"], **before, **dict(model.named_parameters())}}, {out!r})
 if world > 1:  # a process that exits with gloo still set up can abort in its teardown
@@ -266,18 +268,15 @@ def test_submitit_local_preemption_requeues_and_continues_a_fine_tune_mid_epoch(
     assert submitted.returncode == 0, text
     controller = int(text.split("Submitted job ")[1].split(";")[0])
     logs = lambda: sorted(job_dir.glob("*_log.out"))  # noqa: E731
-    _wait_for_file_text(logs, "Epoch 2 [3/8]")
+    wait_for_event(None, job_dir, "step", epoch=2, iteration=3)
     for task in _children(controller):
         os.kill(task, signal.SIGUSR2)  # submitit's own preemption path
     _wait_for_file_text(logs, "requeue 1:")
-    _wait_for_file_text(logs, "Training time", timeout=300)
+    wait_for_event(None, job_dir, "finished", timeout=300)
     assert [e["epoch"] for e in read_log(job_dir)] == list(range(1, 12))  # every epoch logged exactly once
-    text = "".join(p.read_text() for p in logs())
-    epoch, iteration = re.search(r"Continuing the interrupted run in .* \(started from .*pretrained/checkpoint.pth with "
-                                 r"--finetune_ignore class_embed --start_epoch 1\): epoch (\d+), iteration (\d+)",
-                                 text).groups()
-    assert int(epoch) >= 2 and int(iteration) > 0  # continued mid-epoch, not from the last epoch end
-    assert f"epoch {epoch}, iteration {iteration} of 8" in text
+    continued = last_event(job_dir, "start")
+    assert continued["how"] == "continue" and continued["path"].endswith("checkpoint.pth")
+    assert continued["epoch"] >= 2 and continued["iteration"] > 0  # continued mid-epoch, not from the epoch end
 
 
 def _two_nodes(data, cwds, *extra):

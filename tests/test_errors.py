@@ -11,7 +11,7 @@ import zipfile
 import pytest
 import torch
 
-from runner import DEMO, ROOT, TINY_OPTIONS, popen_main, run_main, wait_for_line
+from runner import DEMO, ROOT, TINY_OPTIONS, popen_main, run_main, wait_for_event, wait_for_line
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +190,7 @@ def test_finite_predictions_with_a_non_finite_evaluation_loss_are_refused_too():
 
 def test_a_second_ctrl_c_stops_at_once_without_a_traceback(data, tmp_path):
     proc = popen_main(data, tmp_path, options=["epochs=50"])
-    wait_for_line(proc, "Epoch 0 [2/8]")
+    wait_for_event(proc, tmp_path, "step", epoch=0, iteration=2)
     proc.send_signal(signal.SIGINT)
     proc.send_signal(signal.SIGINT)
     output = proc.communicate(timeout=120)[0]
@@ -204,7 +204,7 @@ def test_a_second_ctrl_c_stops_at_once_without_a_traceback(data, tmp_path):
 
 def test_a_stop_signal_without_output_dir_says_nothing_was_saved(data, tmp_path):
     proc = popen_main(data, "", options=["epochs=50"])
-    wait_for_line(proc, "Epoch 0 [2/8]")
+    wait_for_line(proc, "Epoch 0 [2/8]")  # no output_dir, no events.jsonl: the progress line
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 3

@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch
 
-from runner import assert_same_training, popen_main, read_log, run_main, wait_for_line
+from runner import assert_same_training, last_event, popen_main, read_log, run_main, wait_for_event
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def test_early_stopping_ends_where_an_uninterrupted_run_does(data, tmp_path):
     assert len(epochs) < 6
 
     proc = popen_main(data, tmp_path / "cut", options=options)
-    wait_for_line(proc, "Epoch 1 [3/8]")
+    wait_for_event(proc, tmp_path / "cut", "step", epoch=1, iteration=3)
     proc.send_signal(signal.SIGTERM)
     assert proc.communicate(timeout=120)[0] and proc.returncode == 3
     rerun = run_main(data, tmp_path / "cut", options=options)
@@ -48,7 +48,8 @@ def test_a_failing_step_saves_the_last_completed_one_and_the_rerun_continues(dat
     saved = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
     assert (saved["epoch"], saved["iteration"]) == (-1, 5)
     rerun = run_main(data, tmp_path / "run")
-    assert "Continuing the interrupted run" in rerun.stdout and "epoch 0, iteration 5 of 8" in rerun.stdout
+    start = last_event(tmp_path / "run", "start")
+    assert (start["how"], start["epoch"], start["iteration"]) == ("continue", 0, 5)
     assert "after the resume, the first" in rerun.stdout
     assert_same_training(reference, tmp_path / "run")
 
@@ -113,5 +114,6 @@ def test_a_diverged_epoch_leaves_checkpoint_pth_at_the_last_good_state(data, ref
     assert saved["epoch"] == 0 and not saved["eval_pending"]
     assert torch.load(run / "checkpoint_diverged.pth", weights_only=True)["epoch"] == 1
     rerun = run_main(data, run)
-    assert "Continuing the interrupted run" in rerun.stdout and "epoch 1, iteration 0 of 8" in rerun.stdout
+    start = last_event(run, "start")
+    assert (start["how"], start["epoch"], start["iteration"]) == ("continue", 1, 0)
     assert_same_training(reference, run)

@@ -52,7 +52,7 @@ def test_series_evaluation_and_figure(trained_run, data, tmp_path):
 
     proc = _plot(trained_run, resumed, "--out", tmp_path / "curves.png", "--dump-json", tmp_path / "data.json")
     assert proc.returncode == 0, proc.stdout
-    assert "skipping the last line" in proc.stdout
+    assert "log.txt line 6 is not valid JSON" in proc.stdout
     with Image.open(tmp_path / "curves.png") as figure:
         assert figure.size[0] > 1000 and figure.size[1] > 500
     runs = json.loads((tmp_path / "data.json").read_text())

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from datasets.sampler import epoch_order
-from runner import ROOT, assert_same_training, popen_main, read_log, run_main, wait_for_line
+from runner import ROOT, assert_same_training, last_event, popen_main, read_log, run_main, wait_for_event
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,9 @@ def reference(data, tmp_path_factory):
     return out
 
 
-def _interrupt(proc, at, sig=signal.SIGTERM, group=False):
-    wait_for_line(proc, at)
+def _interrupt(proc, out, at: dict, sig=signal.SIGTERM, group=False):
+    """Send `sig` once events.jsonl records `at` ({"event": ..., fields}); returns the output."""
+    wait_for_event(proc, out, **at)
     if group:
         os.killpg(proc.pid, sig)
     else:
@@ -53,7 +54,8 @@ def test_rerunning_an_interrupted_command_continues_it(data, pretrained, tmp_pat
     command = ["--resume", str(pretrained), *flags]
     run_main(data, tmp_path / "uninterrupted", *command, options=["epochs=3"])
     out = tmp_path / "run"
-    output = _interrupt(popen_main(data, out, *command, options=["epochs=3"], env=SLOW_STEPS), "Epoch 1 [3/8]")
+    output = _interrupt(popen_main(data, out, *command, options=["epochs=3"], env=SLOW_STEPS), out,
+                        {"event": "step", "epoch": 1, "iteration": 3})
     # The signal lands at iteration 3 or, on a very busy machine, a little later: the rerun continues where it saved.
     saved_at = int(re.search(r"SIGTERM received during epoch 1: saved \S+ at iteration (\d+)", output).group(1))
     rerun = run_main(data, out, *command, options=["epochs=3"])
@@ -79,10 +81,11 @@ def test_rerunning_an_interrupted_command_continues_it(data, pretrained, tmp_pat
 
 
 def test_sigterm_to_the_process_group_with_workers_saves_and_continues(data, reference, tmp_path):
-    output = _interrupt(popen_main(data, tmp_path, workers=2, new_session=True), "Epoch 0 [3/8]", group=True)
+    output = _interrupt(popen_main(data, tmp_path, workers=2, new_session=True), tmp_path,
+                        {"event": "step", "epoch": 0, "iteration": 3}, group=True)
     assert "SIGTERM received during epoch 0: saved" in output and "Traceback" not in output
     rerun = run_main(data, tmp_path, "--num_workers", "2")
-    assert "Continuing the interrupted run" in rerun.stdout
+    assert last_event(tmp_path, "start")["how"] == "continue"
     assert_same_training(reference, tmp_path)
 
 
@@ -92,7 +95,7 @@ SLOW_EVALUATION = {"DINO_FAULTS": '[{"at": "eval_batch", "sleep": 1.0}]'}  # a l
 
 def test_a_signal_during_evaluation_stops_at_once_and_the_rerun_evaluates_that_epoch(data, reference, tmp_path):
     out = tmp_path / "run"
-    output = _interrupt(popen_main(data, out, env=SLOW_EVALUATION), "Evaluating epoch 0")
+    output = _interrupt(popen_main(data, out, env=SLOW_EVALUATION), out, {"event": "evaluating", "epoch": 0})
     assert "SIGTERM received during the evaluation of epoch 0: checkpoint.pth holds epoch 0's training" in output
     saved = torch.load(out / "checkpoint.pth", weights_only=True)
     assert saved["epoch"] == 0 and saved["eval_pending"] and saved["iteration"] == 0
@@ -124,7 +127,7 @@ def test_a_torn_log_line_and_stale_temporary_files_do_not_block_the_next_start(d
 
 def test_a_second_run_on_a_busy_output_dir_is_refused_and_a_killed_run_leaves_no_lock(data, tmp_path):
     first = popen_main(data, tmp_path, options=["epochs=50"])
-    wait_for_line(first, "Start training")
+    wait_for_event(first, tmp_path, "start")
     second = run_main(data, tmp_path, options=["epochs=50"], check=False)
     assert second.returncode == 2
     assert f"error: {tmp_path} is in use by another run (pid {first.pid}" in second.stdout.strip().splitlines()[-1]

@@ -1,11 +1,10 @@
 """Interruptions are a non-event: bit-exact resume at epoch ends and mid-epoch, and clear stops."""
 import signal
-import time
 
 import pytest
 import torch
 
-from runner import assert_same_training, popen_main, read_log, run_main, wait_for_line
+from runner import assert_same_training, last_event, popen_main, read_log, run_main, wait_for_event
 
 
 @pytest.fixture(scope="module")
@@ -28,29 +27,28 @@ def test_resume_at_an_epoch_boundary_also_extends_epochs(data, reference, tmp_pa
 @pytest.mark.parametrize("workers", [0, 2])
 def test_sigterm_mid_epoch_saves_and_resumes_bit_exactly(data, reference, tmp_path, workers):
     proc = popen_main(data, tmp_path, workers=workers)
-    wait_for_line(proc, "Epoch 0 [3/8]")  # the first epoch: the signal lands well before training ends
+    wait_for_event(proc, tmp_path, "step", epoch=0, iteration=3)  # the signal lands well before training ends
     proc.send_signal(signal.SIGTERM)
     rest = proc.communicate(timeout=120)[0]
     assert proc.returncode == 3, rest
     assert "SIGTERM received during epoch 0: saved" in rest and "rerun the same command to continue" in rest
     saved = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert saved["iteration"] > 0  # stopped inside an epoch, at an iteration boundary
-    resumed = run_main(data, tmp_path, "--num_workers", str(workers))
-    assert f"epoch {saved['epoch'] + 1}, iteration {saved['iteration']} of 8" in resumed.stdout
+    run_main(data, tmp_path, "--num_workers", str(workers))
+    start = last_event(tmp_path, "start")
+    assert (start["how"], start["epoch"], start["iteration"]) == ("continue", saved["epoch"] + 1, saved["iteration"])
     assert [e["epoch"] for e in read_log(tmp_path)] == [0, 1]
     assert_same_training(reference, tmp_path)
 
 
 def test_kill_9_after_a_periodic_save_resumes_bit_exactly(data, reference, tmp_path):
     proc = popen_main(data, tmp_path, options=["save_every_iters=3"])
-    wait_for_line(proc, "Epoch 0 [4/8]")  # the save at iteration 3 began (it is written in the background)
-    deadline = time.time() + 60
-    while not (tmp_path / "checkpoint.pth").exists() and time.time() < deadline:
-        time.sleep(0.05)
+    wait_for_event(proc, tmp_path, "saved", iteration=3)  # the periodic save at iteration 3 is on disk
     proc.kill()
     proc.wait()
     saved = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert saved["iteration"] in (0, 3, 6)  # the newest periodic save (or the epoch end, on a slow machine)
-    resumed = run_main(data, tmp_path, options=["save_every_iters=3"])
-    assert f"epoch {saved['epoch'] + 1}, iteration {saved['iteration']} of 8" in resumed.stdout
+    run_main(data, tmp_path, options=["save_every_iters=3"])
+    start = last_event(tmp_path, "start")
+    assert (start["how"], start["epoch"], start["iteration"]) == ("continue", saved["epoch"] + 1, saved["iteration"])
     assert_same_training(reference, tmp_path)

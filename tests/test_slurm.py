@@ -1,6 +1,5 @@
 """A real single-node Slurm (tools/slurm/local_cluster.sh): a job requeued mid-run finishes as if never stopped."""
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -9,7 +8,7 @@ import time
 import pytest
 import torch
 
-from runner import ROOT, TINY_OPTIONS, read_log, run_main
+from runner import ROOT, TINY_OPTIONS, last_event, read_log, run_main, wait_for_event
 
 CLUSTER = ROOT / "tools" / "slurm" / "local_cluster.sh"
 
@@ -74,13 +73,12 @@ def test_scontrol_requeue_mid_run_resumes_and_matches_an_uninterrupted_run(slurm
     run_main(data, reference, options=options)
     job_dir = tmp_path / "job"
     job_id = _submit(slurm, data, job_dir, options=options)
-    _wait(job_dir, "Epoch 2 [3/8]", timeout=240)
+    wait_for_event(None, job_dir, "step", epoch=2, iteration=3)
     subprocess.run(["scontrol", "requeue", job_id], env=slurm, check=True)
-    _wait(job_dir, "SIGTERM received during", timeout=60)  # training or the evaluation of an epoch
+    wait_for_event(None, job_dir, "stopped", timeout=60)  # in training or the evaluation of an epoch
     _start_now(slurm, job_id)
-    _wait(job_dir, "Training time", timeout=300)
-    text = _job_text(job_dir)
-    assert re.search(r"Continuing the interrupted run in .*: epoch \d+, iteration \d of 8", text), text[-3000:]
+    wait_for_event(None, job_dir, "finished", timeout=300)
+    assert last_event(job_dir, "start")["how"] == "continue"
     assert [e["epoch"] for e in read_log(job_dir)] == list(range(12))
     assert _same_weights(reference, job_dir)
 
@@ -93,6 +91,6 @@ def test_time_limit_saves_requeues_and_finishes(slurm, data, tmp_path):
                      options=["epochs=120", "save_checkpoint_interval=1000"])
     _wait(job_dir, "Requeued job", timeout=200)  # submitit's own line, after our save
     _start_now(slurm, job_id)
-    _wait(job_dir, "Continuing the interrupted run in", timeout=120)
-    _wait(job_dir, "Training time", timeout=900)
+    wait_for_event(None, job_dir, "start", timeout=120, how="continue")
+    wait_for_event(None, job_dir, "finished", timeout=900)
     assert [e["epoch"] for e in read_log(job_dir)] == list(range(120))

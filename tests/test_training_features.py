@@ -19,7 +19,8 @@ from engine import train_one_epoch
 from training.step import TrainStep, linear_warmup
 from models import build_model
 from models.ops import multi_scale_deformable_attn
-from runner import DEMO, ROOT, TINY_OPTIONS, assert_same_training, popen_main, read_log, run_main, wait_for_line
+from runner import (DEMO, ROOT, TINY_OPTIONS, assert_same_training, popen_main, read_log, run_main,
+                    wait_for_event)
 from tiny import tiny_args
 from util.misc import nested_tensor_from_tensor_list
 
@@ -87,7 +88,7 @@ def _stopped_by_sigterm_and_resumed(data, out, options, done: int):
     """main.py stopped by SIGTERM after its progress line for `done` of 8 iterations, then rerun to the end:
     (the iteration the stop saved, the rerun)."""
     proc = popen_main(data, out, options=options)
-    wait_for_line(proc, f"Epoch 0 [{done}/8]")
+    wait_for_event(proc, out, "step", epoch=0, iteration=done)
     proc.send_signal(signal.SIGTERM)
     rest = proc.communicate(timeout=120)[0]
     assert proc.returncode == 3, rest

@@ -17,30 +17,17 @@ import os
 import re
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from util.run_dir import read_epochs  # noqa: E402
 
 logger = logging.getLogger("dino.plot_logs")
 
 COCO_NAMES = ("AP", "AP50", "AP75")
-
-
-def read_log(path: str) -> list:
-    """One record per epoch in epoch order; the last line for an epoch wins, unreadable lines are skipped."""
-    by_epoch = {}
-    with open(path) as f:
-        lines = f.read().splitlines()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            by_epoch[int(record["epoch"])] = record
-        except (ValueError, KeyError, TypeError):
-            where = "the last line" if number == len(lines) else f"line {number}"
-            logger.warning("warning: %s: skipping %s, which is not a complete JSON record with an epoch (a torn "
-                           "write?)", path, where)
-    return [by_epoch[e] for e in sorted(by_epoch)]
 
 
 def epoch_series(records: list) -> dict:
@@ -118,7 +105,7 @@ def collect_series(run_dirs: list, ann=None) -> dict:
         log = os.path.join(run_dir, "log.txt")
         if not os.path.isfile(log):
             raise ValueError(f"{run_dir} has no log.txt: is it a main.py --output_dir?")
-        records = read_log(log)
+        records = read_epochs(run_dir)
         if not records:
             raise ValueError(f"{log} holds no complete epoch yet")
         label = name if names.count(name) == 1 else run_dir

@@ -20,10 +20,9 @@ from checkpoint.format import CheckpointWriteError, load_checkpoint, plain_args,
 from checkpoint.store import LATEST, CheckpointStore, best_name, numbered_name
 from datasets import build_dataset, get_coco_api_from_dataset
 from datasets.sampler import GlobalBatchSampler, ShardedSampler
-from engine import Meters, NonFiniteOutputError, evaluate, train_one_epoch
+from engine import EpochPlan, Meters, NonFiniteOutputError, evaluate, train_one_epoch
 from models import build_model, load_pretrained_backbone
 from training.optim import build_optimizer, build_scheduler, position_scheduler, steps_per_iteration
-from training.progress import Layout
 from training.step import OutOfMemoryStop, StopInsideStep, TrainStep, linear_warmup, optimizer_steps_per_epoch
 from training.watch import LossWatch, SampleRecord, early_stop
 from util import distributed as dist_utils
@@ -148,7 +147,8 @@ class Trainer:
             pending = self.progress.pending
             run_dir.truncate_log(args.output_dir, pending["epoch"] if pending else self.progress.epoch)
             run_dir.append_event(args.output_dir, "start", how=start.kind, path=start.path, reason=start.why,
-                                 run_id=start.run_id, epoch=self.progress.epoch, iteration=self.progress.iteration)
+                                 run_id=start.run_id, epoch=self.progress.epoch, iteration=self.progress.iteration,
+                                 pending=pending["epoch"] if pending else None)
 
     def _initial_backbone(self) -> None:
         """Training from scratch starts from backbone_weights (ImageNet, as the official recipe, or a local file).
@@ -230,9 +230,9 @@ class Trainer:
         progress.completed_step(start_iter, progress.samples_done, meters.state(), None)
         warmup = linear_warmup(self.args.lr_warmup_iters, epoch * self.iterations)
         try:
-            train_one_epoch(self.step, self.train_loader, epoch, start_iter=start_iter, steps=sampler.steps_left(),
-                            meters=meters, after_iteration=self._after_step, max_iters=10 if self.args.debug else None,
-                            log_progress=self.args.save_log, short_last_step=sampler.ends_short(), lr_factor=warmup)
+            plan = EpochPlan(start_iter, sampler.steps_left(), sampler.ends_short(), 10 if self.args.debug else None)
+            train_one_epoch(self.step, self.train_loader, epoch, plan, meters, self._after_step, warmup,
+                            log_progress=self.args.save_log)
         except StopInsideStep:
             self.save([LATEST], wait=True)
             self._stop(f"epoch {epoch}", f"saved {self.store.path(LATEST)} at iteration {progress.iteration}, the "
@@ -269,6 +269,8 @@ class Trainer:
         progress, args = self.progress, self.args
         epoch = progress.pending["epoch"]
         logger.info("Evaluating epoch %d", epoch)
+        if args.output_dir and dist_utils.is_main_process():
+            run_dir.append_event(args.output_dir, "evaluating", epoch=epoch)
         eval_started = time.time()
         results = os.path.join(args.output_dir, "eval", f"results{epoch:04d}.json") \
             if args.save_results and args.output_dir else None

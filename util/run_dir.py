@@ -6,7 +6,7 @@ import logging
 import os
 import re
 import time
-from typing import Optional
+from typing import List, Optional
 
 from util.misc import atomic_write
 
@@ -63,9 +63,16 @@ def _records(path: str, quiet: bool = False):
     return pairs
 
 
-def read_log(output_dir: str) -> list:
-    """log.txt's epoch records."""
-    return [record for _, record in _records(os.path.join(output_dir, LOG))]
+def read_log(output_dir: str, quiet: bool = False) -> list:
+    """log.txt's epoch records (quiet: a torn line is dropped without a warning, for readers that poll)."""
+    return [record for _, record in _records(os.path.join(output_dir, LOG), quiet)]
+
+
+def read_epochs(output_dir: str) -> list:
+    """log.txt's records one per epoch, in epoch order: where a resumed run wrote an epoch again (an older
+    log, or a kill between the line and the save), the later line wins."""
+    by_epoch = {record["epoch"]: record for record in read_log(output_dir) if isinstance(record.get("epoch"), int)}
+    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
 
 
 def truncate_log(output_dir: str, first_epoch: int) -> None:
@@ -80,9 +87,10 @@ def append_event(output_dir: str, event: str, **fields) -> None:
     """One line of events.jsonl, the run's machine-readable history, {"time", "event", ...}; programs read it
     (read_events), never the log's sentences. Events, with their fields:
       started    world_size, precision, eval_only
-      start      how (continue, resume, weights or scratch), path, reason (why not continue), run_id, epoch,
-                 iteration: where training starts
+      start      how (continue, resume, weights or scratch), path (the file it starts from), reason (why it
+                 does not continue), run_id, epoch, iteration, pending (an epoch to evaluate first, or null)
       step       epoch, iteration, iterations, loss: every tenth of an epoch
+      evaluating epoch
       saved      files, epoch_done (the last completed epoch), iteration, eval_pending, seconds: once written
       evaluated  epoch, ap, ema_ap
       stopped    signal, where, saved, epoch, iteration
@@ -98,6 +106,51 @@ def read_events(output_dir: str, event: Optional[str] = None) -> list:
     """events.jsonl's records (only those of one kind with `event`); a torn last line is skipped."""
     path = os.path.join(output_dir, EVENTS)
     return [r for _, r in _records(path, quiet=True) if event is None or r.get("event") == event]
+
+
+class EventTail:
+    """The events appended to output_dir's events.jsonl since this object was made, read as they come: the
+    file is appended to across restarts, so these are one start's."""
+
+    def __init__(self, output_dir, whole: bool = False):
+        """whole: the events already there count too."""
+        self.path = os.path.join(output_dir, EVENTS)
+        self.records: List[dict] = []
+        try:
+            stat = os.stat(self.path)
+            self.inode, self.offset = stat.st_ino, 0 if whole else stat.st_size
+        except FileNotFoundError:
+            self.inode, self.offset = None, 0
+
+    def read(self) -> List[dict]:
+        """The records appended since the last read. Whole lines only: one being written waits for the next
+        read; one a kill cut off is skipped. A new file (main.py sets the old one aside when it starts over) is
+        read from its beginning."""
+        try:
+            with open(self.path, "rb") as f:
+                inode = os.fstat(f.fileno()).st_ino
+                if inode != self.inode:
+                    self.inode, self.offset = inode, 0
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        whole = data[:data.rfind(b"\n") + 1]
+        self.offset += len(whole)
+        new = []
+        for line in whole.splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and "event" in record:
+                new.append(record)
+        self.records += new
+        return new
+
+    def first(self, event: str) -> Optional[dict]:
+        """This start's first event of that kind, or None."""
+        return next((record for record in self.records if record["event"] == event), None)
 
 
 def append_log(output_dir: str, record: dict) -> None:

@@ -125,7 +125,7 @@ class _SparseCore(torch.autograd.Function):
     backward is two sparse products, dV = A^T dOut (A^T built by one sort of the corner rows) and
     dA = dOut V^T sampled at A's entries, from which the location and attention-weight gradients follow.
     Forward and backward measured 3x faster than the official formula at the R50 encoder's shapes
-    (tools/benchmark.py)."""
+    (tools/benchmark/)."""
 
     @staticmethod
     def forward(ctx, value: Tensor, shapes: List[List[int]], locations: Tensor, attention_weights: Tensor):
