@@ -87,8 +87,8 @@ def test_run_records_are_kept_and_their_changes_listed_on_resume(data, tmp_path)
 
 
 def test_the_loss_watch_gives_no_verdict_without_enough_losses_before_the_resume(caplog):
-    from main import LossWatch
-    caplog.set_level(logging.INFO, logger="dino.main")
+    from training.watch import LossWatch
+    caplog.set_level(logging.INFO, logger="dino.watch")
     few = LossWatch([1.0])
     for loss in (5.0, 5.0, 5.0):
         few.add(loss)
