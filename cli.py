@@ -8,6 +8,7 @@ import traceback
 
 import torch
 
+from checkpoint import remote
 from checkpoint.format import CheckpointError, CheckpointWriteError
 from checkpoint.store import LATEST
 from training.step import NonFiniteLossError, OutOfMemoryStop
@@ -81,7 +82,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.coco_path is None:
         args.coco_path = "data/synthetic" if args.dataset_file == "synthetic" else "data/coco"
     _check_command_line(args)
+    _place_output_dir(args)
     return args
+
+
+def _place_output_dir(args) -> None:
+    """An output_dir on an object store (a URL) becomes output_url; the run then works in a local staging
+    folder (args.output_dir) that checkpoint/remote.py mirrors there. Sources given as URLs are checked now."""
+    for flag, value in (("--resume", args.resume), ("--pretrain_model_path", args.pretrain_model_path)):
+        if remote.is_url(value):
+            remote.filesystem(value, flag)
+    args.output_url = ""
+    if remote.is_url(args.output_dir):
+        remote.filesystem(args.output_dir)
+        args.output_url = args.output_dir.rstrip("/")
+        args.output_dir = remote.staging_dir(args.output_url)
 
 
 def _check_command_line(args) -> None:
@@ -133,6 +148,17 @@ def run(main, argv=None) -> int:
                      hint=_traceback_to_info(args))
 
 
+def _push_logs() -> None:
+    """The logs of a remote output_dir follow the failure there if the store answers at once; if it does not,
+    they stay in the staging folder (the error line has said what is where)."""
+    mirror = remote.active()
+    if mirror is not None:
+        try:
+            mirror.push([], attempts=1)
+        except remote.RemoteError:
+            pass
+
+
 def _lost_contact(error: Exception) -> bool:
     """A collective failed because a partner process ended (NCCL's error, or gloo's closed connection)."""
     return isinstance(error, torch.distributed.DistBackendError) or "Connection closed by peer" in str(error)
@@ -140,7 +166,10 @@ def _lost_contact(error: Exception) -> bool:
 
 def _last_save(args) -> str:
     path = os.path.join(args.output_dir, LATEST) if args is not None and args.output_dir else ""
-    return f"{path} still holds the last good state" if path and os.path.exists(path) else "no checkpoint was saved"
+    if not path or not os.path.exists(path):
+        return "no checkpoint was saved"
+    shown = f"{args.output_url}/{LATEST}" if args.output_url else path
+    return f"{shown} still holds the last good state"
 
 
 def _traceback_to_info(args) -> str:
@@ -168,6 +197,8 @@ def _fail(message: str, code: int, args, hint: str = "") -> int:
     sys.stdout.flush()
     sys.stderr.write(line + "\n")  # one write: lines of several processes sharing a pipe stay whole
     sys.stderr.flush()
+    if rank == 0:
+        _push_logs()
     return code
 
 

@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from checkpoint.remote import RemoteError, is_url, local_copy, redact
 from util.misc import atomic_write
 
 class CheckpointError(RuntimeError):
@@ -141,6 +142,13 @@ def load_checkpoint(path, map_location='cpu') -> dict:
     and returned as a plain dict. A bare state dict is returned as {'model': state_dict}.
     """
     path = os.fspath(path)
+    if is_url(path):
+        try:
+            path = local_copy(path)
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint {redact(path)} does not exist") from None
+        except RemoteError as e:
+            raise CheckpointError(str(e)) from None
     try:
         size = os.path.getsize(path)
         with open(path, 'rb') as f:
@@ -249,6 +257,6 @@ def _first_sentence(error: Exception) -> str:
 # Plain values
 
 def plain_args(args) -> dict:
-    """args as plain JSON-like values, so checkpoints never pickle a Namespace."""
-    return {k: v for k, v in vars(args).items()
+    """args as plain JSON-like values, so checkpoints never pickle a Namespace; no secret a URL may carry."""
+    return {k: redact(v) if isinstance(v, str) else v for k, v in vars(args).items()
             if k != 'config' and isinstance(v, (int, float, str, bool, list, tuple, dict, type(None)))}

@@ -19,6 +19,7 @@ from typing import List, Optional
 import torch
 
 from checkpoint.format import CheckpointError, load_checkpoint, read_record
+from checkpoint.remote import Mirror, is_url, local_copy, redact
 from checkpoint.store import CheckpointStore
 from training.optim import scheduler_steps_before
 from training.progress import Layout, Progress
@@ -58,7 +59,7 @@ def run_origin(args) -> dict:
     are resolved (a symlink, a relative spelling from another directory name the same file) and the source's
     content is identified by its integrity record, so a file replaced at the same path is another start."""
     def resolved(path):
-        return os.path.realpath(path) if path else ""
+        return "" if not path else path if is_url(path) else os.path.realpath(path)
     source = args.resume or args.pretrain_model_path
     return {"resume": resolved(args.resume), "pretrain_model_path": resolved(args.pretrain_model_path),
             "finetune_ignore": sorted(args.finetune_ignore or []), "start_epoch": args.start_epoch,
@@ -75,7 +76,7 @@ def same_origin(saved: dict, now: dict) -> bool:
     if (saved["finetune_ignore"], saved["start_epoch"]) != (now["finetune_ignore"], now["start_epoch"]):
         return False
     for key in ("resume", "pretrain_model_path"):
-        if (os.path.realpath(saved[key]) if saved[key] else "") != now[key]:
+        if (saved[key] if not saved[key] or is_url(saved[key]) else os.path.realpath(saved[key])) != now[key]:
             return False
     return not (saved["source"] and now["source"]) or saved["source"] == now["source"]
 
@@ -83,6 +84,8 @@ def same_origin(saved: dict, now: dict) -> bool:
 def source_identity(path: str, output_dir: str) -> Optional[str]:
     """A hash of the source's integrity record (every record's CRC-32), or of its size for files without one;
     None for a source inside output_dir, which the run itself may rewrite (a best file fine-tuned in place)."""
+    if is_url(path):
+        path = local_copy(path)
     if not os.path.exists(path) or (output_dir and _inside(path, output_dir)):
         return None
     record = read_record(path)
@@ -96,7 +99,9 @@ def _inside(path: str, folder: str) -> bool:
 
 def describe_origin(origin: dict) -> str:
     source = origin["resume"] or origin["pretrain_model_path"]
-    if source:
+    if is_url(source):
+        words = [f"from {redact(source)}"]
+    elif source:
         relative = os.path.relpath(source)
         words = [f"from {source if relative.startswith('..') else relative}"]
     else:
@@ -156,7 +161,8 @@ def _identity(start: Start):
     """What tells two copies of the start's file apart: its size and integrity record (every record's CRC-32)."""
     if start.kind == "scratch":
         return None
-    return os.path.getsize(start.path), (start.checkpoint.get("integrity") or {}).get("members")
+    path = local_copy(start.path) if is_url(start.path) else start.path
+    return os.path.getsize(path), (start.checkpoint.get("integrity") or {}).get("members")
 
 
 def _same_start(args, kind: str, path: str, record) -> Start:
@@ -166,6 +172,8 @@ def _same_start(args, kind: str, path: str, record) -> Start:
     local = os.path.join(args.output_dir, path) if kind == "continue" else path
     where = f"node {platform.node()}"
     try:
+        if kind == "continue" and args.output_url and not os.path.exists(local):  # another node's staging
+            Mirror(args.output_url, args.output_dir).fetch(path)
         start = Start(kind, local, load_checkpoint(local))
     except CheckpointError as e:
         raise CheckpointError(f"{where} cannot read {local}, which process 0 starts from ({e}): output_dir must be "
@@ -186,12 +194,12 @@ def decide_start(args, store: CheckpointStore):
         saved = checkpoint.get("origin", SCRATCH)  # files of format 1 record none: they came from plain runs
         if same_origin(saved, origin):
             return Start("continue", path, checkpoint, checkpoint.get("run_id") or new_run_id()), ""
-        why = (f"Starting over: the run in {args.output_dir} {describe_origin(saved)}, but this command "
+        why = (f"Starting over: the run in {store.display()} {describe_origin(saved)}, but this command "
                f"{describe_origin(origin).replace('started', 'starts', 1)}")
     elif own:
-        why = f"--no_auto_resume: starting over in {args.output_dir}"
+        why = f"--no_auto_resume: starting over in {store.display()}"
     else:
-        why = f"A new run in {args.output_dir}"
+        why = f"A new run in {store.display()}"
     if args.resume:
         checkpoint = load_checkpoint(args.resume)
         full = "optimizer" in checkpoint and not args.finetune_ignore
@@ -205,8 +213,12 @@ def _set_aside_previous_run(args, store: CheckpointStore, why: str) -> None:
     """A new run never mixes with the files of the one before it in output_dir: they move to previous/."""
     if not os.path.isdir(args.output_dir):
         return
-    folder, moved = run_dir.set_aside(args.output_dir, store.previous_run_id(),
-                                      keep=args.resume or args.pretrain_model_path)
+    run_id = store.previous_run_id()
+    folder, moved = run_dir.set_aside(args.output_dir, run_id, keep=args.resume or args.pretrain_model_path)
+    if store.mirror is not None:  # the remote holds every file of the run; the staging folder, some
+        name = os.path.basename(folder) if folder else run_id or time.strftime("unknown-%Y%m%d-%H%M%S")
+        moved = store.mirror.set_aside(name)
+        folder = store.mirror.display(f"previous/{name}")
     if moved:
         logger.warning("%s; moved the files of the run that was there to %s: %s", why, folder, ", ".join(moved))
 
@@ -309,7 +321,7 @@ def _restore_full(start: Start, trainer) -> Progress:
     layout_note = _move_to_layout(checkpoint, progress, trainer.layout)
     if start.kind == "continue":
         origin = describe_origin(checkpoint.get("origin", SCRATCH))
-        how = f"Continuing the interrupted run in {args.output_dir} ({origin})"
+        how = f"Continuing the interrupted run in {args.output_url or args.output_dir} ({origin})"
     else:
         how = f"Resuming training from {path}"
     logger.info("%s: epoch %d, iteration %d of %d, to %d total epochs", how, progress.epoch, progress.iteration,

@@ -3,7 +3,8 @@
 checkpoint.pth is the latest state (the commit point: written last, it never names a file that is not on disk);
 checkpoint_best_{regular,ema}.pth the best weights by bbox AP; checkpoint{epoch:04d}.pth every
 save_checkpoint_interval epochs, the newest keep_checkpoints of them kept. Saves are asynchronous: the state is
-copied to host memory (the only stall), then written by a background thread while training goes on."""
+copied to host memory (the only stall), then written by a background thread while training goes on, and, for
+an output_dir on an object store, pushed there by the same thread (checkpoint/remote.py)."""
 import logging
 import os
 import re
@@ -13,7 +14,9 @@ from typing import List, Optional
 
 import torch
 
-from checkpoint.format import BackgroundWriter, CheckpointError, load_checkpoint, read_record, seal, write_bytes
+from checkpoint.format import (BackgroundWriter, CheckpointError, CheckpointWriteError, load_checkpoint, read_record,
+                               seal, write_bytes)
+from checkpoint.remote import RemoteError
 from util import faults, run_dir
 from util.misc import atomic_write
 
@@ -37,16 +40,29 @@ def numbered_name(epoch: int) -> str:
 
 class CheckpointStore:
     """The checkpoint files of output_dir: writing them (rank 0), finding the newest intact one, pruning.
-    `run_id`: the run whose numbered files count as its own (set once the start is decided)."""
+    `run_id`: the run whose numbered files count as its own (set once the start is decided). `mirror`: the
+    remote copy when output_dir is the staging folder of an object-store URL."""
 
-    def __init__(self, output_dir: str, keep: int = 0):
-        self.output_dir, self.keep = output_dir, keep
+    def __init__(self, output_dir: str, keep: int = 0, mirror=None):
+        self.output_dir, self.keep, self.mirror = output_dir, keep, mirror
         self.run_id: Optional[str] = None
         self.best_written: dict = {}  # per kind, the best whose file is on disk
         self.writer = BackgroundWriter()
 
     def path(self, name: str) -> str:
         return os.path.join(self.output_dir, name)
+
+    def display(self, name: str = "") -> str:
+        """Where a file is, as the user named the place: the URL for a remote output_dir."""
+        if self.mirror is not None:
+            return self.mirror.display(name)
+        return self.path(name) if name else self.output_dir
+
+    def flush(self) -> None:
+        """Push the logs written since the last save (the end of a run, a failure)."""
+        self.wait()
+        if self.mirror is not None:
+            self.mirror.push([])
 
     def remove_stale_temporaries(self) -> List[str]:
         """Temporary files of saves that a kill interrupted; call only while holding output_dir's lock."""
@@ -107,7 +123,15 @@ class CheckpointStore:
                 faults.check("checkpoint_commit")
             write_bytes(seal(ema_weights_state(state)) if name == BEST_EMA else blob, self.path(name))
             if _NUMBERED.match(name):
-                prune_numbered(self.output_dir, self.keep, state.get("run_id"))
+                pruned = prune_numbered(self.output_dir, self.keep, state.get("run_id"))
+                if self.mirror is not None:
+                    self.mirror.remove(pruned)
+        if self.mirror is not None:
+            try:
+                self.mirror.push(names)
+            except RemoteError as e:
+                raise CheckpointWriteError(f"{e}; {self.display(LATEST)} still holds the previous save, and this one "
+                                           f"is in {self.path(LATEST)} on this machine") from None
         run_dir.append_event(self.output_dir, "saved", files=names, epoch_done=state["epoch"],
                              iteration=state["iteration"], eval_pending=state["eval_pending"],
                              seconds=round(time.time() - started, 3))
@@ -120,21 +144,38 @@ class CheckpointStore:
         latest = self.path(LATEST)
         # Fall back only to files of checkpoint.pth's run, named in it or, where it is unreadable, beside it.
         run_id = (read_record(latest) or {}).get("run_id") or self.read_run_id()
-        names = ([LATEST] if os.path.exists(latest) else []) + numbered_checkpoints(self.output_dir, run_id)[::-1]
+        names = ([LATEST] if os.path.exists(latest) else []) + self._numbered(run_id)[::-1]
         for name in names:
             try:
-                checkpoint = load_checkpoint(self.path(name))
-            except CheckpointError as e:
+                checkpoint = load_checkpoint(self._fetched(name, run_id))
+            except (CheckpointError, FileNotFoundError) as e:
                 logger.warning("auto-resume: %s", e)
                 continue
             if name != names[0]:
                 logger.warning("auto-resume fell back to %s, the newest intact checkpoint in %s", name,
-                               self.output_dir)
+                               self.display())
             return self.path(name), checkpoint
         if names:
-            raise CheckpointError(f"every checkpoint in {self.output_dir} is damaged; move them away to start from "
+            raise CheckpointError(f"every checkpoint in {self.display()} is damaged; move them away to start from "
                                   "scratch, or pass --no_auto_resume")
         return None
+
+    def _numbered(self, run_id: Optional[str]) -> List[str]:
+        """This run's numbered checkpoints, oldest first; of a remote output_dir, every numbered name there
+        (fetched, and their run checked, only when needed)."""
+        if self.mirror is None:
+            return numbered_checkpoints(self.output_dir, run_id)
+        return [n for n in self.mirror.names() if _NUMBERED.match(n)]
+
+    def _fetched(self, name: str, run_id: Optional[str]) -> str:
+        """The local path of a run file, downloaded first from a remote output_dir (where a numbered file of
+        another run is refused, as numbered_checkpoints leaves it out locally)."""
+        if self.mirror is None or name == LATEST:
+            return self.path(name)
+        path = self.mirror.fetch(name)
+        if (read_record(path) or {}).get("run_id") not in (run_id, None):
+            raise CheckpointError(f"{self.display(name)} is another run's")
+        return path
 
     def write_run_id(self, run_id: str) -> None:
         """Which run output_dir's files belong to, readable when checkpoint.pth (which records it too) is not."""
@@ -160,13 +201,15 @@ class CheckpointStore:
         goes back to this run's newest numbered checkpoint before `epoch`, so that a rerun continues from a good
         state; the diverged one is kept as checkpoint_diverged.pth. Returns what a rerun does."""
         self.wait()
-        earlier = [n for n in numbered_checkpoints(self.output_dir, self.run_id) if int(n[10:14]) < epoch]
+        earlier = [n for n in self._numbered(self.run_id) if int(n[10:14]) < epoch]
         if not earlier:
             return (f"{LATEST} holds that diverged epoch and no earlier evaluated checkpoint is kept: rerun "
                     "with a lower lr and --no_auto_resume")
         os.replace(self.path(LATEST), self.path(DIVERGED))
-        with open(self.path(earlier[-1]), "rb") as source:
+        with open(self._fetched(earlier[-1], self.run_id), "rb") as source:
             atomic_write(self.path(LATEST), lambda f: shutil.copyfileobj(source, f))
+        if self.mirror is not None:
+            self.mirror.push([DIVERGED, LATEST])
         return (f"{LATEST} is back at {earlier[-1]}, the last evaluated state, which a rerun continues "
                 f"(the same settings diverge the same way: lower lr); the diverged epoch is in {DIVERGED}")
 
@@ -179,13 +222,14 @@ def ema_weights_state(state: dict) -> dict:
     return {'model': weights, 'model_is_ema': True, **{k: state[k] for k in keep}}
 
 
-def prune_numbered(output_dir: str, keep: int, run_id: str) -> None:
+def prune_numbered(output_dir: str, keep: int, run_id: str) -> List[str]:
     """Drop this run's oldest checkpoint{epoch:04d}.pth beyond its newest `keep` (0 keeps all). Called only
     after a new numbered checkpoint was written, so the newest intact one is never the one removed. Files of
     another run are never touched; files without a run id (earlier versions) count as this run's."""
-    if keep > 0:
-        for name in numbered_checkpoints(output_dir, run_id)[:-keep]:
-            os.remove(os.path.join(output_dir, name))
+    removed = numbered_checkpoints(output_dir, run_id)[:-keep] if keep > 0 else []
+    for name in removed:
+        os.remove(os.path.join(output_dir, name))
+    return removed
 
 
 def numbered_checkpoints(output_dir: str, run_id: Optional[str] = None) -> List[str]:

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from checkpoint.remote import Mirror, is_url  # noqa: E402
 from util.run_dir import read_epochs  # noqa: E402
 
 logger = logging.getLogger("dino.plot_logs")
@@ -102,6 +104,10 @@ def collect_series(run_dirs: list, ann=None) -> dict:
     names = [os.path.basename(os.path.normpath(d)) for d in run_dirs]
     runs = {}
     for run_dir, name in zip(run_dirs, names):
+        if is_url(run_dir):  # an output_dir on an object store: its logs and evaluations, copied here
+            local = tempfile.mkdtemp(prefix="plot_logs-")
+            Mirror(run_dir, local).pull()
+            run_dir = local
         log = os.path.join(run_dir, "log.txt")
         if not os.path.isfile(log):
             raise ValueError(f"{run_dir} has no log.txt: is it a main.py --output_dir?")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler
 
-from checkpoint import resume
+from checkpoint import remote, resume
 from checkpoint.format import CheckpointWriteError, load_checkpoint, plain_args, snapshot
 from checkpoint.store import LATEST, CheckpointStore, best_name, numbered_name
 from datasets import build_dataset, get_coco_api_from_dataset
@@ -78,9 +78,13 @@ class Trainer:
             try:
                 os.makedirs(os.path.join(args.output_dir, "eval"), exist_ok=True)
                 held = run_dir.lock(args.output_dir)
+                if args.output_url:
+                    self.store.mirror = _mirror(args)
                 stale = self.store.remove_stale_temporaries()
             except run_dir.OutputDirError as e:
-                error = e
+                error = run_dir.OutputDirError(str(e).replace(args.output_dir, args.output_url or args.output_dir))
+            except remote.RemoteError as e:
+                error = run_dir.OutputDirError(str(e))
             except OSError as e:
                 error = run_dir.OutputDirError(f"cannot write to --output_dir {args.output_dir} ({e.strerror or e}): "
                                                "free some space or choose another directory")
@@ -89,11 +93,14 @@ class Trainer:
         setup_logging(args.output_dir, dist_utils.get_rank(), args.debug)
         if stale:
             logger.info("Removed %d temporary file(s) of interrupted saves: %s", len(stale), ", ".join(stale))
+        aborted = self.store.mirror.aborted if self.store.mirror is not None else []
+        if aborted:
+            logger.info("Aborted %d upload(s) that a kill left incomplete: %s", len(aborted), ", ".join(aborted))
         return held
 
     def _write_header(self, determinism_note: str) -> None:
         args, record, chosen = self.args, self.run_record, self.precision
-        logger.info("command: %s", " ".join([sys.executable] + sys.argv))
+        logger.info("command: %s", remote.redact(" ".join([sys.executable] + sys.argv)))
         logger.info("git: %s%s | world size: %d | device: %s | precision: %s", record["git_commit"],
                     " (with uncommitted changes)" if record["git_dirty"] else "", record["world_size"], args.device,
                     chosen.reason)
@@ -193,6 +200,8 @@ class Trainer:
                 json.dump({f"test_{k}": v for k, v in stats.items()}, f)
             run_dir.append_event(args.output_dir, "evaluated", epoch=None, ap=stats["coco_eval_bbox"][0])
         logger.info("bbox AP %.4f  AP50 %.4f", stats["coco_eval_bbox"][0], stats["coco_eval_bbox"][1])
+        if args.output_dir and dist_utils.is_main_process():
+            self.store.flush()
         return 0
 
     def fit(self) -> int:
@@ -215,6 +224,7 @@ class Trainer:
         logger.info("Training time %s", datetime.timedelta(seconds=int(seconds)))
         if args.output_dir and dist_utils.is_main_process():
             run_dir.append_event(args.output_dir, "finished", seconds=round(seconds, 1), epoch=progress.epoch - 1)
+            self.store.flush()
         return 0
 
     def _train_epoch(self) -> None:
@@ -235,7 +245,7 @@ class Trainer:
                             log_progress=self.args.save_log)
         except StopInsideStep:
             self.save([LATEST], wait=True)
-            self._stop(f"epoch {epoch}", f"saved {self.store.path(LATEST)} at iteration {progress.iteration}, the "
+            self._stop(f"epoch {epoch}", f"saved {self._saved_where()} at iteration {progress.iteration}, the "
                        "start of the step under way")
         except Exception as e:
             self._save_before_failure(e)
@@ -262,7 +272,7 @@ class Trainer:
         if stop or (args.save_every_iters > 0 and it % args.save_every_iters == 0 and it < self.iterations):
             self.save([LATEST], wait=stop)
         if stop:
-            self._stop(f"epoch {progress.epoch}", f"saved {self.store.path(LATEST)} at iteration {it}")
+            self._stop(f"epoch {progress.epoch}", f"saved {self._saved_where()} at iteration {it}")
 
     def _evaluate_pending(self) -> None:
         """Evaluate the epoch trained last (saved already), log it, keep the best, save again."""
@@ -401,7 +411,12 @@ class Trainer:
             return
         logger.warning("a training step failed after epoch %d iteration %d: saved %s with that iteration's state; "
                        "rerun the same command to continue once the cause is fixed", self.progress.epoch,
-                       self.progress.iteration, self.store.path(LATEST))
+                       self.progress.iteration, self._saved_where())
+
+    def _saved_where(self) -> str:
+        """checkpoint.pth as the user named its place, and how long its upload took (a remote output_dir)."""
+        mirror = self.store.mirror
+        return self.store.display(LATEST) + (f" (uploaded in {mirror.pushed_seconds:.1f} s)" if mirror else "")
 
     def _back_to_last_good(self, epoch: int) -> str:
         """checkpoint.pth back at the newest evaluated state after `epoch` diverged (CheckpointStore); every rank
@@ -426,6 +441,17 @@ class Trainer:
 
     def _label_map(self):
         return getattr(self.dataset_val, "label_to_category_id", None)
+
+
+def _mirror(args) -> remote.Mirror:
+    """The object store behind a remote output_dir: reachable, held by this run alone (a lease), and its run's
+    files pulled into the staging folder before anything decides where training starts."""
+    mirror = remote.Mirror(args.output_url, args.output_dir)
+    mirror.check()
+    mirror.acquire(float(os.environ.get("DINO_LEASE_SECONDS", 60)))
+    mirror.abort_incomplete_uploads()
+    mirror.pull()
+    return mirror
 
 
 def _seed_everything(seed: int) -> None:

@@ -1,0 +1,198 @@
+"""An output_dir on an object store: a local S3 server (moto's, over HTTP) stands in for the bucket, and main.py
+and the tools run against it end to end."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from runner import ROOT, assert_same_training, popen_main, run_main, wait_for_event
+
+s3fs = pytest.importorskip("s3fs", reason="the object-store extra (s3fs) is not installed")
+pytest.importorskip("moto.server", reason="moto's S3 server (moto[server]) is not installed")
+
+KEYS = {"AWS_ACCESS_KEY_ID": "AKIATESTKEY0123456789", "AWS_SECRET_ACCESS_KEY": "test-secret-do-not-record",
+        "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A moto S3 server on a free port, for this module's tests; its address goes to s3fs through fsspec's
+    FSSPEC_S3_ENDPOINT_URL, credentials through the usual AWS variables."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**KEYS, "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "DINO_LEASE_SECONDS": "6"}
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield {"env": env, "proc": proc, "port": port}
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _fs(server):
+    return s3fs.S3FileSystem(key=KEYS["AWS_ACCESS_KEY_ID"], secret=KEYS["AWS_SECRET_ACCESS_KEY"],
+                             client_kwargs={"endpoint_url": server["env"]["FSSPEC_S3_ENDPOINT_URL"]})
+
+
+def _bucket(server, name):
+    fs = _fs(server)
+    if not fs.exists(name):
+        fs.mkdir(name)
+    return fs
+
+
+def _env(server, machine):
+    """The environment of a process on `machine`: its own staging folder, as on another computer."""
+    return {**server["env"], "DINO_STAGING_DIR": str(machine)}
+
+
+def _fetch(fs, url, to, names=("checkpoint.pth", "log.txt")):
+    to.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        fs.get_file(f"{url[5:]}/{name}", str(to / name))
+    return to
+
+
+def test_a_run_killed_on_one_machine_continues_on_another_bit_identically(data, server, tmp_path):
+    fs = _bucket(server, "runs")
+    url = "s3://runs/killed"
+    reference = tmp_path / "reference"
+    run_main(data, reference, options=["epochs=3", "save_every_iters=2"])
+    first = popen_main(data, url, options=["epochs=3", "save_every_iters=2"], env=_env(server, tmp_path / "a"))
+    wait_for_event(first, _staging(tmp_path / "a"), "step", epoch=1, iteration=5)
+    first.kill()  # the machine is gone: its staging folder goes with it
+    first.communicate()
+    fs.call_s3("create_multipart_upload", Bucket="runs", Key="killed/checkpoint.pth")  # one the kill cut short
+    rerun = run_main(data, url, options=["epochs=3", "save_every_iters=2"], env=_env(server, tmp_path / "b"))
+    assert f"Continuing the interrupted run in {url} (started from scratch): epoch 1, iteration " in rerun.stdout
+    assert "Aborted 1 upload(s) that a kill left incomplete: checkpoint.pth" in rerun.stdout
+    assert not [u for u in fs.list_multipart_uploads("runs") if u["Key"].startswith("killed/")]
+    assert_same_training(reference, _fetch(fs, url, tmp_path / "fetched"))
+    assert [e["epoch"] for e in _log(fs, url)] == [0, 1, 2]
+    names = {path.rsplit("/", 1)[1] for path in fs.find("runs/killed")}
+    assert {"info.txt", "events.jsonl", "config_args_all.json", "checkpoint0002.pth", "latest.json"} <= names
+    assert ".lease.json" not in names  # released at the end
+    recorded = b"".join(fs.cat_file(p) for p in fs.find("runs/killed"))
+    assert KEYS["AWS_SECRET_ACCESS_KEY"].encode() not in recorded and KEYS["AWS_ACCESS_KEY_ID"].encode() not in recorded
+
+
+def _staging(machine):
+    """The staging folder of the only run on `machine`."""
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        found = [p for p in machine.glob("*") if p.is_dir() and p.name != "downloads"] if machine.exists() else []
+        if found:
+            return found[0]
+        time.sleep(0.1)
+    raise AssertionError(f"no staging folder in {machine}")
+
+
+def _log(fs, url):
+    return [json.loads(line) for line in fs.cat_file(f"{url[5:]}/log.txt").decode().splitlines()]
+
+
+def test_a_stop_signal_waits_for_the_upload_and_says_where_the_state_is(data, server, tmp_path):
+    _bucket(server, "runs")
+    url = "s3://runs/stopped"
+    proc = popen_main(data, url, options=["epochs=3"], env=_env(server, tmp_path / "a"))
+    wait_for_event(proc, _staging(tmp_path / "a"), "step", epoch=0, iteration=3)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 3, output[-3000:]
+    assert f"received during epoch 0: saved {url}/checkpoint.pth (uploaded in " in output
+    fetched = _fetch(_fs(server), url, tmp_path / "fetched", names=["checkpoint.pth"])
+    checkpoint = torch.load(fetched / "checkpoint.pth", weights_only=True)
+    assert checkpoint["iteration"] >= 3
+
+
+def test_a_second_run_on_the_same_remote_output_dir_is_refused(data, server, tmp_path):
+    _bucket(server, "runs")
+    url = "s3://runs/busy"
+    first = popen_main(data, url, options=["epochs=50"], env=_env(server, tmp_path / "a"))
+    wait_for_event(first, _staging(tmp_path / "a"), "start")
+    second = run_main(data, url, options=["epochs=50"], env=_env(server, tmp_path / "b"), check=False)
+    first.kill()
+    first.communicate()
+    assert second.returncode == 2, second.stdout[-2000:]
+    assert f"error: {url} is in use by another run (pid {first.pid} on " in second.stdout.strip().splitlines()[-1]
+
+
+def test_a_damaged_remote_checkpoint_falls_back_to_the_newest_intact_one(data, server, tmp_path):
+    fs = _bucket(server, "runs")
+    url = "s3://runs/damaged"
+    run_main(data, url, options=["epochs=2"], env=_env(server, tmp_path / "a"))
+    blob = fs.cat_file("runs/damaged/checkpoint.pth")
+    fs.pipe_file("runs/damaged/checkpoint.pth", blob[: len(blob) // 2])  # a truncated object
+    rerun = run_main(data, url, options=["epochs=3"], env=_env(server, tmp_path / "b"))
+    assert "checkpoint.pth is truncated or corrupt" in rerun.stdout
+    assert "auto-resume fell back to checkpoint0001.pth" in rerun.stdout
+    assert "Continuing the interrupted run in s3://runs/damaged" in rerun.stdout
+    assert [e["epoch"] for e in _log(fs, url)] == [0, 1, 2]
+
+
+def test_the_store_stopping_mid_run_ends_with_what_is_safe_where(data, tmp_path):
+    """A server of its own, stopped after the first epoch: the next upload fails after its retries."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        own = {"env": {**KEYS, "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}}
+        time.sleep(2)
+        _bucket(own, "runs")
+        proc = popen_main(data, "s3://runs/outage", options=["epochs=3"], env=_env(own, tmp_path / "a"))
+        wait_for_event(proc, _staging(tmp_path / "a"), "step", epoch=1, iteration=2)
+        moto.kill()
+        output = proc.communicate(timeout=180)[0]
+    finally:
+        moto.kill()
+    assert proc.returncode == 1, output[-3000:]
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("error: could not upload s3://runs/outage/"), last
+    assert "s3://runs/outage/checkpoint.pth still holds the previous save" in last and "on this machine" in last
+
+
+def test_unsupported_urls_and_missing_buckets_are_refused_at_start(data, server, tmp_path):
+    for url, message in (("foo://bucket/run", "foo:// is not a storage fsspec knows"),
+                         ("s3://no-such-bucket/run", "the bucket no-such-bucket does not exist")):
+        proc = run_main(data, url, env=_env(server, tmp_path / "a"), check=False)
+        assert proc.returncode == 2, proc.stdout[-2000:]
+        assert proc.stdout.strip().splitlines()[-1].startswith(f"error: --output_dir {url}: {message}")
+        assert not (ROOT / "foo:").exists() and not (ROOT / "s3:").exists()  # no local folder named like the URL
+
+
+def test_resume_and_the_tools_read_checkpoints_from_the_store(data, server, tmp_path):
+    _bucket(server, "runs")
+    url = "s3://runs/source"
+    env = _env(server, tmp_path / "a")
+    run_main(data, url, options=["epochs=1"], env=env)
+    tuned = run_main(data, tmp_path / "tuned", "--resume", f"{url}/checkpoint.pth", "--finetune_ignore",
+                     "class_embed", options=["epochs=2"], env=env)
+    assert f"Loaded model weights only from {url}/checkpoint.pth (--finetune_ignore)" in tuned.stdout
+    inspected = subprocess.run([sys.executable, "tools/inspect_checkpoint.py", f"{url}/checkpoint.pth"], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, **env})
+    assert inspected.returncode == 0 and "epoch 0" in inspected.stdout, inspected.stdout[-2000:]
+    plotted = subprocess.run([sys.executable, "tools/plot_logs.py", url, "--out", str(tmp_path / "curves.png")],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, **env})
+    assert plotted.returncode == 0 and (tmp_path / "curves.png").exists(), plotted.stdout[-2000:]
+    predicted = subprocess.run([sys.executable, "tools/predict.py", "--checkpoint", f"{url}/checkpoint.pth", "--images",
+                                str(data / "val2017"), "--out", str(tmp_path / "predictions")], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **env})
+    assert predicted.returncode == 0, predicted.stdout[-2000:]
+    assert len(list((tmp_path / "predictions").iterdir())) >= len(list((data / "val2017").iterdir()))
