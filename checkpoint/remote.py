@@ -64,9 +64,9 @@ def staging_root() -> str:
     return os.environ.get("DINO_STAGING_DIR") or os.path.join(tempfile.gettempdir(), "dino-staging")
 
 
-def staging_dir(url: str) -> str:
+def staging_dir(url: str, root: Optional[str] = None) -> str:
     """The local folder a run with this remote output_dir works in (one per URL on each machine)."""
-    return os.path.join(staging_root(), hashlib.sha256(url.encode()).hexdigest()[:16])
+    return os.path.join(root or staging_root(), hashlib.sha256(url.encode()).hexdigest()[:16])
 
 
 def local_copy(url: str) -> str:
@@ -149,12 +149,16 @@ class Mirror:
 
     def names(self) -> List[str]:
         """The run files in the remote output_dir (relative names; eval/ files too)."""
+        return sorted(self.listing())
+
+    def listing(self) -> dict:
+        """{relative name: the store's information (size, ETag, ...)} of the run files in the remote output_dir."""
         try:
-            found = self.fs.find(self.root, refresh=True)
+            found = self.fs.find(self.root, detail=True, refresh=True)
         except FileNotFoundError:
-            return []
-        names = [path[len(self.root) + 1:] for path in found]
-        return sorted(n for n in names if not n.startswith("previous/") and n != LEASE)
+            return {}
+        names = {path[len(self.root) + 1:]: info for path, info in found.items()}
+        return {n: info for n, info in names.items() if not n.startswith("previous/") and n != LEASE}
 
     def pull(self, keep_local=()) -> List[str]:
         """Make the staging folder hold the remote run's files: the small ones and checkpoint.pth now, the

@@ -112,10 +112,12 @@ class EventTail:
     """The events appended to output_dir's events.jsonl since this object was made, read as they come: the
     file is appended to across restarts, so these are one start's."""
 
-    def __init__(self, output_dir, whole: bool = False):
-        """whole: the events already there count too."""
+    def __init__(self, output_dir, whole: bool = False, since: float = 0.0):
+        """whole: the events already there count too. since: only events of that time (time.time()) or later,
+        for a file that arrives whole (pulled from an object store)."""
         self.path = os.path.join(output_dir, EVENTS)
         self.records: List[dict] = []
+        self.since = since
         try:
             stat = os.stat(self.path)
             self.inode, self.offset = stat.st_ino, 0 if whole else stat.st_size
@@ -143,7 +145,7 @@ class EventTail:
                 record = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(record, dict) and "event" in record:
+            if isinstance(record, dict) and "event" in record and record.get("time", 0) >= self.since:
                 new.append(record)
         self.records += new
         return new

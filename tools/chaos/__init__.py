@@ -28,6 +28,13 @@ appended to OUTPUT_DIR/events.jsonl (util/run_dir.py), never from the log's sent
 4. lets the last start finish and compares with the reference: the model and optimizer tensors of
    checkpoint.pth (torch.equal), and log.txt's train_* values and test_coco_eval_bbox, epoch by epoch.
 
+With --output_dir URL (an object store: s3://bucket/path; main.py's credentials and endpoint variables apply),
+the chaos run goes there and every start runs on a new machine: an empty staging folder of its own
+(DINO_STAGING_DIR=WORKDIR/machines/NN), as a spot instance that replaces a reclaimed one. WORKDIR/chaos is then
+a view of what the bucket holds, refreshed after every start, which the checks read; the bit flip is made there
+and uploaded; the file-size start is left out (a new machine's first download of checkpoint.pth would hit the
+limit before any save). The reference run stays local.
+
 The last line is the scoreboard; the exit code is 0 only if all of it holds (K == N, F == 0, C == 0, B == M,
 identical), 1 otherwise, 2 for a bad command line or a failed reference run:
     kills survived K/N, resume failures F, corrupt files C, bit flips caught B/M, final state identical: yes|no

@@ -33,7 +33,8 @@ def parse(argv: List[str]):
     except cli.BAD_INPUT as e:
         raise ChaosError(str(e)) from None
     for flag, value, why in (
-            ("--output_dir", parsed.output_dir, "the tool chooses WORKDIR/reference and WORKDIR/chaos"),
+            ("--output_dir", parsed.output_dir and not parsed.output_url,
+             "the tool chooses WORKDIR/reference and WORKDIR/chaos (an object-store URL is taken)"),
             ("--no_auto_resume", parsed.no_auto_resume, "every rerun would start over"),
             ("--eval", parsed.eval, "there is no training to interrupt")):
         if value:

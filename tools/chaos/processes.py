@@ -21,12 +21,12 @@ POLL = 0.01  # seconds between two looks at events.jsonl
 class Run:
     """One start. Its times are time.time(), as those of its events are."""
 
-    def __init__(self, cmd: List[str], log_path: Path, output_dir: Path, preexec_fn=None):
-        self.events = EventTail(output_dir)  # before the start appends anything
+    def __init__(self, cmd: List[str], log_path: Path, output_dir: Path, preexec_fn=None, env=None):
         self.started = self.ended = time.time()
+        self.events = EventTail(output_dir, since=self.started)  # before the start appends anything
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      errors="replace", start_new_session=True, preexec_fn=preexec_fn,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         self.lines: List[str] = []
         self.last_progress = ("", self.started)  # the label and time of the latest progress event
         self._groups = {self.proc.pid}

@@ -19,6 +19,7 @@ from checkpoint.store import LATEST, CheckpointStore, numbered_checkpoints
 from .checks import CheckpointFiles, describe, differences, error_lines, loads, resumed, sha256
 from .plan import Kill, plan_kills, reference_markers
 from .processes import ROOT, Run, limit_file_size, rank_pid, wait_for_temporary_file
+from .remote import RemoteView, expected_remote_start, machine_staging
 
 logging.getLogger("dino").addHandler(logging.NullHandler())  # decide_start's warnings are main.py's to print
 
@@ -57,12 +58,17 @@ class Chaos:
     """The reference run, then the chaos run: its plan, its starts and what each did."""
 
     def __init__(self, opts, main_args: List[str], parsed, workdir: Path):
+        """With parsed.output_url (--output_dir s3://...), the chaos run goes there, each start on a new
+        machine (its own staging folder, WORKDIR/machines/NN), and WORKDIR/chaos is a view of the bucket."""
         self.opts, self.main_args, self.workdir = opts, main_args, workdir
         self.out, self.logs = workdir / "chaos", workdir / "starts"
+        self.url = parsed.output_url
+        self.view = RemoteView(self.url, self.out) if self.url else None
         self.parsed = argparse.Namespace(**{**vars(parsed), "output_dir": str(self.out)})
         self.rng = random.Random(opts.seed)
         self.board, self.files, self.count = Board(), CheckpointFiles(self.out), 0
         self.current, self.stale = None, set()  # the run in progress; the files there before it started
+        self.workspace = self.out  # where the current start writes (for a remote run: its machine's staging)
 
     def command(self, output_dir: Path, workers: bool = False) -> List[str]:
         launcher = [sys.executable] if self.opts.nproc == 1 else \
@@ -96,7 +102,8 @@ class Chaos:
         """(epoch, iteration) main.py will continue from, by its own rule; None when there is nothing to
         continue (or nothing intact: then the start must fail, which counts)."""
         try:
-            start, _ = decide_start(self.parsed, CheckpointStore(self.parsed.output_dir))
+            start, _ = expected_remote_start(self.parsed, self.url) if self.url else \
+                decide_start(self.parsed, CheckpointStore(self.parsed.output_dir))
         except CheckpointError:
             return None
         if start.kind != "continue":
@@ -107,8 +114,13 @@ class Chaos:
         """A rerun of the command in the chaos directory, and where main.py's rule says it must continue."""
         self.count += 1
         expected = self.expected_start()
-        self.stale = set(os.listdir(self.out)) if self.out.is_dir() else set()
-        self.current = Run(self.command(self.out, workers), self.logs / f"{self.count:02d}.log", self.out, preexec_fn)
+        env = None
+        if self.url:  # a new machine: an empty staging folder
+            machine = self.workdir / "machines" / f"{self.count:02d}"
+            self.workspace, env = machine_staging(self.url, machine), {"DINO_STAGING_DIR": str(machine)}
+        self.stale = set(os.listdir(self.workspace)) if self.workspace.is_dir() else set()
+        command = self.command(self.url or self.out, workers)
+        self.current = Run(command, self.logs / f"{self.count:02d}.log", self.workspace, preexec_fn, env)
         return self.current, expected
 
     def abandon(self) -> None:
@@ -119,10 +131,12 @@ class Chaos:
     def series(self) -> Board:
         kills = plan_kills(self.opts.kills, self.rng, self.markers, self.opts.signal, self.fallback_from)
         full_slot = self.rng.randint(1, len(kills)) if kills else None
+        full_slot = None if self.url else full_slot  # a remote run's machine pulls checkpoint.pth past such a limit
         flip_slot = self.rng.randint(1, len(kills)) if kills and not self.opts.no_bit_flip else None
         flip = "no bit flip" if flip_slot is None else (f"after kill {flip_slot} (or the first later one that "
                                                         "leaves a numbered checkpoint to fall back to), a bit flip")
         full = "no file-size limit" if full_slot is None else f"after kill {full_slot}, a start under a file-size limit"
+        full += f"; every start on a new machine, output_dir {self.url}" if self.url else ""
         say(f"plan (seed {self.opts.seed}): {len(kills)} kills; {full}; {flip}")
         kill_ok = None  # the last landed kill ended as it should; it survived if the next start continues right
         for slot, kill in enumerate(kills + [None]):
@@ -139,7 +153,7 @@ class Chaos:
                     say(f"the run finished before kill {self.board.landed + 1}: {self.board.landed} of {len(kills)} "
                         "planned kills landed")
                 break
-        left = self.files.temporary_files()
+        left = self.files.temporary_files()  # a remote run's die with their machine
         for name in left:
             say(f"corrupt: temporary file left at the end: {name}")
         self.board.corrupt = len(self.files.corrupt) + len(left)
@@ -185,6 +199,8 @@ class Chaos:
 
     def report(self, run: Run, said: str, ending: str, failed: List[str]) -> None:
         """One line per start; then any damaged checkpoint file it left."""
+        if self.view is not None:
+            self.view.sync()
         self.board.failures += bool(failed)
         errors = error_lines(run.output)
         say(f"start {self.count:2d}: {said} | {ending}" + (f" | FAILED: {'; '.join(failed)}" if failed else "")
@@ -198,7 +214,7 @@ class Chaos:
         reached = any(position >= kill.target for position in run.progress(deadline))
         tmp = ""
         if reached and kill.where == "a checkpoint write":
-            tmp = wait_for_temporary_file(self.out, self.stale, run, deadline)
+            tmp = wait_for_temporary_file(self.workspace, self.stale, run, deadline)
             reached = bool(tmp)
         elif reached:
             try:
@@ -216,7 +232,7 @@ class Chaos:
             return (False, f"kill {self.board.landed + 1} (SIG{kill.signal} aimed at {kill.where}, {aim} after "
                     f"'{kill.label}') did not land: exit {code}", False, code, hung)
         workers = " (with 2 workers)" if kill.workers else ""
-        when = (f"in a checkpoint write ({tmp}{', left behind' if (self.out / tmp).exists() else ''})"
+        when = (f"in a checkpoint write ({tmp}{', left behind' if (self.workspace / tmp).exists() else ''})"
                 if tmp else f"aimed at {kill.where}")
         description = (f"kill {self.board.landed + 1}: SIG{kill.signal} to {target}{workers} {when}, {sent - at:.2f} s "
                        f"after '{line}', {sent - run.started:.1f} s after start: exit {code}"
@@ -271,6 +287,8 @@ class Chaos:
 
     def flip(self) -> None:
         """Flip one bit in the middle of checkpoint.pth, if a numbered checkpoint is there to fall back to."""
+        if self.view is not None:
+            self.view.sync()
         latest = self.out / LATEST
         numbered = numbered_checkpoints(self.out)[::-1] if latest.exists() else []
         fallback = next((name for name in numbered if loads(self.out / name)), None)
@@ -283,6 +301,8 @@ class Chaos:
             byte = f.read(1)[0]
             f.seek(offset)
             f.write(bytes([byte ^ (1 << bit)]))
+        if self.view is not None:
+            self.view.upload(LATEST)
         self.files.flipped(LATEST)
         self.board.flips += 1
         try:
