@@ -115,6 +115,7 @@ class Mirror:
         self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._heartbeat = None
         self.pushed_seconds = 0.0
+        self.sent = {}  # small files: the (size, mtime) last uploaded, so an unchanged one is not sent again
         self.aborted: List[str] = []  # uploads a kill left incomplete, aborted at start-up
 
     def remote(self, name: str) -> str:
@@ -189,11 +190,15 @@ class Mirror:
         started = time.time()
         for name in list(names) + [n for n in _small_files(self.local) if n not in names]:
             path = os.path.join(self.local, name)
-            if os.path.exists(path):
-                size = os.path.getsize(path)
-                if size > 256 << 20:
-                    logger.info("uploading %s (%.0f MB)", self.display(name), size / 2**20)
-                _transfer(lambda: self.fs.put_file(path, self.remote(name)), f"upload {self.display(name)}", attempts)
+            if not os.path.exists(path):
+                continue
+            stat = os.stat(path)
+            if name not in names and self.sent.get(name) == (stat.st_size, stat.st_mtime_ns):
+                continue
+            if stat.st_size > 256 << 20:
+                logger.info("uploading %s (%.0f MB)", self.display(name), stat.st_size / 2**20)
+            _transfer(lambda: self.fs.put_file(path, self.remote(name)), f"upload {self.display(name)}", attempts)
+            self.sent[name] = (stat.st_size, stat.st_mtime_ns)
         self.pushed_seconds = time.time() - started
 
     def remove(self, names: List[str]) -> None:

@@ -59,10 +59,14 @@ class CheckpointStore:
         return self.path(name) if name else self.output_dir
 
     def flush(self) -> None:
-        """Push the logs written since the last save (the end of a run, a failure)."""
+        """Push the logs written since the last save (the end of a run, an evaluation)."""
         self.wait()
         if self.mirror is not None:
-            self.mirror.push([])
+            try:
+                self.mirror.push([])
+            except RemoteError as e:
+                raise CheckpointWriteError(f"{e}; the checkpoints in {self.display()} are complete, and the logs "
+                                           f"of this run's end are in {self.output_dir} on this machine") from None
 
     def remove_stale_temporaries(self) -> List[str]:
         """Temporary files of saves that a kill interrupted; call only while holding output_dir's lock."""
