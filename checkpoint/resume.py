@@ -319,13 +319,15 @@ def _restore_full(start: Start, trainer) -> Progress:
         else:
             logger.warning("the checkpoint has no EMA weights: the EMA restarts from the current model")
     layout_note = _move_to_layout(checkpoint, progress, trainer.layout)
-    if start.kind == "continue":
-        origin = describe_origin(checkpoint.get("origin", SCRATCH))
-        how = f"Continuing the interrupted run in {args.output_url or args.output_dir} ({origin})"
+    where, origin = args.output_url or args.output_dir, describe_origin(checkpoint.get("origin", SCRATCH))
+    how = f"Continuing the interrupted run in {where} ({origin})" if start.kind == "continue" else \
+        f"Resuming training from {path}"
+    if start.kind == "continue" and progress.epoch >= args.epochs and not progress.pending:
+        logger.info("The run in %s (%s) has trained all %d epochs: nothing is left to do (--options epochs=N "
+                    "trains it further)", where, origin, args.epochs)
     else:
-        how = f"Resuming training from {path}"
-    logger.info("%s: epoch %d, iteration %d of %d, to %d total epochs", how, progress.epoch, progress.iteration,
-                trainer.iterations, args.epochs)
+        logger.info("%s: epoch %d, iteration %d of %d, to %d total epochs", how, progress.epoch, progress.iteration,
+                    trainer.iterations, args.epochs)
     for change in hyperparameter_changes(saved_args, vars(args)):
         logger.info("  changed since the checkpoint: %s", change)
     for change in environment.differences(checkpoint.get("environment") or {}, trainer.facts["environment"]):

@@ -212,8 +212,9 @@ class Trainer:
         if progress.pending:
             logger.info("Epoch %d was trained but not evaluated: evaluating it first", progress.pending["epoch"])
             self._evaluate_pending()
-        logger.info("Start training: epochs %d..%d, %d iterations per epoch", progress.epoch, args.epochs - 1,
-                    self.iterations)
+        if progress.epoch < args.epochs:
+            logger.info("Start training: epochs %d..%d, %d iterations per epoch", progress.epoch, args.epochs - 1,
+                        self.iterations)
         started = time.time()
         while progress.epoch < args.epochs and not early_stop(args.early_stop_patience, progress.best,
                                                                progress.epoch - 1, args.epochs):

@@ -172,7 +172,7 @@ class Chaos:
         else:
             landed, ending, ok, code, hung = self.kill(run, kill)
         resume_ok, said, failed = self.judge(run, expected, hung)
-        finished = run.event("finished") is not None
+        finished = run.event("finished") is not None and not landed  # after a kill in the last writes: rerun
         if landed:
             self.board.landed += 1
             if not ok:
@@ -227,13 +227,15 @@ class Chaos:
         target = self.send(run, kill) if reached and run.alive() else ""
         sent = time.time()
         code, hung, leftover = run.end(deadline)
-        if not target or run.event("finished"):
+        if not target or (run.event("finished") and code == 0):
             aim = "the first checkpoint write" if kill.where == "a checkpoint write" else f"{kill.delay:.2f} s"
             return (False, f"kill {self.board.landed + 1} (SIG{kill.signal} aimed at {kill.where}, {aim} after "
                     f"'{kill.label}') did not land: exit {code}", False, code, hung)
         workers = " (with 2 workers)" if kill.workers else ""
         when = (f"in a checkpoint write ({tmp}{', left behind' if (self.workspace / tmp).exists() else ''})"
                 if tmp else f"aimed at {kill.where}")
+        if run.event("finished"):  # training had ended: the kill hit the last writes (a remote run's uploads)
+            when = f"after training finished, in its last writes (aimed at {kill.where})"
         description = (f"kill {self.board.landed + 1}: SIG{kill.signal} to {target}{workers} {when}, {sent - at:.2f} s "
                        f"after '{line}', {sent - run.started:.1f} s after start: exit {code}"
                        + (f"; its leftover processes took {leftover:.1f} s to exit" if leftover > 0.5 else ""))
