@@ -42,6 +42,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--start_epoch", default=None, type=int,
                    help="epoch to start at; overrides the checkpoint's epoch when given")
     p.add_argument("--eval", action="store_true", help="only evaluate the given weights")
+    p.add_argument("--plan", action="store_true",
+                   help="print where the run would start and what it would load (tensors, classes by name, the lr "
+                   "schedule), then exit without training or writing anything")
     p.add_argument("--num_workers", default=2, type=int, help="data loading worker processes per rank")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="mixed precision in config key amp_dtype: auto (bfloat16 where the device runs it fast, "
@@ -94,6 +97,9 @@ def _place_output_dir(args) -> None:
             remote.filesystem(value, flag)
     args.output_url = ""
     if remote.is_url(args.output_dir):
+        if args.plan:
+            raise ValueError(f"--plan reads a local --output_dir, not {args.output_dir}: give it a local copy of the "
+                             "run, or no --output_dir to see what a checkpoint would load")
         remote.filesystem(args.output_dir)
         args.output_url = args.output_dir.rstrip("/")
         args.output_dir = remote.staging_dir(args.output_url)

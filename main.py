@@ -2,7 +2,7 @@
 
 The story of a run: the command line and config (cli.py), a Trainer that sets everything up
 (training/trainer.py), then training epoch after epoch, or only an evaluation with --eval. cli.run turns what
-happened into the exit code: 0 done, 1 a failure during training, 2 bad input, 3 stopped by a signal (state
+happened (--plan: only what it would do) into the exit code: 0 done, 1 a failure during training, 2 bad input, 3 stopped by a signal (state
 saved: rerun the same command to continue)."""
 import sys
 
@@ -15,7 +15,9 @@ parse_args = cli.parse_args
 
 def main(args) -> int:
     trainer = Trainer(args)
-    return trainer.evaluate_weights() if args.eval else trainer.fit()
+    if args.eval:
+        return trainer.evaluate_weights()
+    return trainer.plan() if args.plan else trainer.fit()
 
 
 def run(argv=None) -> int:

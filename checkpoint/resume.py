@@ -18,6 +18,7 @@ from typing import List, Optional
 
 import torch
 
+from checkpoint import finetune
 from checkpoint.format import CheckpointError, load_checkpoint, read_record
 from checkpoint.remote import Mirror, is_url, local_copy, redact
 from checkpoint.store import CheckpointStore
@@ -253,12 +254,16 @@ def restore(start: Start, trainer) -> Progress:
     progress = Progress(epoch=args.start_epoch or 0)
     progress.scheduler_steps = scheduler_steps_before(progress.epoch, trainer.iterations, args)
     if start.kind == "weights":
-        report = load_weights(trainer.model, start.path, start.checkpoint, args.finetune_ignore)
+        report, classes = load_weights(trainer.model, start.path, start.checkpoint, args, trainer.label_names)
         _refuse_another_architecture(report, start.path, args)
         why = "--finetune_ignore" if args.finetune_ignore else "the checkpoint holds no optimizer state" \
             if args.resume else "--pretrain_model_path"
         logger.info("Loaded model weights only from %s (%s); optimizer and schedule start fresh at epoch %d:\n%s",
                     start.path, why, progress.epoch, report.format())
+        if classes:
+            logger.info("%s", classes.format())
+        finetune.check_shapes(report, start.path, architecture_differences(start.checkpoint.get("args") or {},
+                                                                           vars(args)))
     else:
         logger.info("Training from scratch, epoch %d", progress.epoch)
     return progress
@@ -278,13 +283,10 @@ def _refuse_another_architecture(report, path: str, args) -> None:
                               f"{path} (or --resume with --finetune_ignore)")
 
 
-def load_weights(model, path: str, checkpoint: dict, ignore=None):
-    """Load what fits of the checkpoint's model weights; a checkpoint of which nothing fits is an error."""
-    report = load_model_weights(model, checkpoint["model"], ignore or ())
-    if not report.loaded:
-        raise CheckpointError(f"none of the {len(checkpoint['model'])} model tensors in {path} fit this model (other "
-                              "names or shapes): check that -c and --options describe the checkpoint's architecture")
-    return report
+def load_weights(model, path: str, checkpoint: dict, args, names):
+    """Fine-tuning's load: what fits, class rows by name unless map_classes_by_name is off (finetune.py)."""
+    names = names if args.map_classes_by_name else None
+    return finetune.load_weights(model, path, checkpoint, args.finetune_ignore, names)
 
 
 def _restore_full(start: Start, trainer) -> Progress:

@@ -21,6 +21,24 @@ from .validate import UNREADABLE, DatasetError, check_dataset, read_annotations,
 logger = logging.getLogger("dino.datasets")
 
 
+def label_names(categories: list, num_classes: int, contiguous: bool) -> list:
+    """The class name of each of num_classes labels (None where no category has that label), by the label
+    convention of CocoDetection: labels are category ids, or with contiguous ids the categories in id order."""
+    if contiguous:
+        names = [str(c["name"]) for c in sorted(categories, key=lambda c: int(c["id"]))]
+    else:
+        by_id = {int(c["id"]): str(c["name"]) for c in categories}
+        names = [by_id.get(label) for label in range(num_classes)]
+    return (names + [None] * num_classes)[:num_classes]
+
+
+def coco_class_names() -> list:
+    """The 91 label slots of DINO on COCO (label = COCO category id; 'N/A' marks the unused ids)."""
+    from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
+
+    return list(FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
+
+
 class CocoDetection(torch.utils.data.Dataset):
     """Images with their non-crowd boxes as (image, target) pairs, DETR's target layout.
 
@@ -141,6 +159,6 @@ def build(image_set: str, args) -> CocoDetection:
                                "set a path holding a comma in a config file)")
     data = read_annotations(ann_file)
     check_dataset(data, ann_file, img_folder, args.num_classes, args.dn_labelbook_size,
-                  args.contiguous_category_ids, cache_dir=args.output_dir or None)
+                  args.contiguous_category_ids, cache_dir=None if getattr(args, "plan", False) else args.output_dir or None)
     return CocoDetection(img_folder, ann_file, data, make_coco_transforms(image_set, args), seed=args.seed,
                          contiguous_category_ids=args.contiguous_category_ids)

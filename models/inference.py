@@ -15,6 +15,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms.functional import to_pil_image
 
+from datasets.coco import coco_class_names, label_names
 from datasets.transforms import make_coco_transforms
 from checkpoint.format import load_checkpoint
 from checkpoint.resume import ARCHITECTURE_KEYS
@@ -27,13 +28,6 @@ logger = logging.getLogger("dino.inference")
 
 WEIGHT_CHOICES = ("auto", "regular", "ema")
 ImageInput = Union[str, os.PathLike, Image.Image, Tensor]
-
-
-def coco_class_names() -> List[str]:
-    """The 91 label slots of DINO on COCO (label = COCO category id; 'N/A' marks the unused ids)."""
-    from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
-
-    return list(FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
 
 
 class Detector:
@@ -191,9 +185,9 @@ def _label_names(checkpoint: dict, args: argparse.Namespace):
             return coco_class_names(), list(labels)
         logger.warning("the checkpoint names no categories: classes are named by their label")
         return [str(label) for label in labels], list(labels)
+    names = label_names(categories, args.num_classes, args.contiguous_category_ids)
+    names = [str(label) if name is None else name for label, name in zip(labels, names)]
     if args.contiguous_category_ids:
-        ids = [int(c["id"]) for c in categories]
-        names = [str(c["name"]) for c in categories]
-        return [names[i] if i < len(names) else str(i) for i in labels], [ids[i] if i < len(ids) else i for i in labels]
-    by_id = {int(c["id"]): str(c["name"]) for c in categories}
-    return [by_id.get(label, str(label)) for label in labels], list(labels)
+        ids = sorted(int(c["id"]) for c in categories)
+        return names, [ids[i] if i < len(ids) else i for i in labels]
+    return names, list(labels)

@@ -1,4 +1,5 @@
 """The optimizer and the lr schedule, and putting a fresh schedule where a resumed run stands."""
+import argparse
 import warnings
 
 import torch
@@ -44,3 +45,37 @@ def position_scheduler(scheduler, steps: int) -> None:
         warnings.simplefilter("ignore", UserWarning)  # "scheduler.step() before optimizer.step()": intended
         for _ in range(steps):
             scheduler.step()
+
+
+def lr_at(args, epoch: int, iterations_per_epoch: int) -> float:
+    """The lr (of the transformer's group) at the start of `epoch` under args' schedule."""
+    groups = [{"params": [torch.zeros(1)]}, {"params": [torch.zeros(1)], "lr": args.lr_backbone}]
+    optimizer = torch.optim.SGD(groups, lr=args.lr)
+    scheduler = build_scheduler(optimizer, args, iterations_per_epoch)
+    position_scheduler(scheduler, scheduler_steps_before(min(epoch, args.epochs), iterations_per_epoch, args))
+    return optimizer.param_groups[0]["lr"]
+
+
+def describe_schedule(args, epoch: int, iterations_per_epoch: int, saved_args=None) -> str:
+    """Where the lr schedule stands at `epoch` and how it goes on, in words; saved_args: the checkpoint's, to
+    say what a changed schedule does to a resumed run."""
+    lr = lr_at(args, epoch, iterations_per_epoch)
+    text = f"lr schedule {args.lr_scheduler}: lr {lr:.3g} at epoch {epoch}"
+    if args.lr_scheduler in ("step", "multistep"):
+        drops = range(args.lr_drop, args.epochs, args.lr_drop) if args.lr_scheduler == "step" else \
+            sorted(d for d in args.lr_drop_list if d < args.epochs)
+        passed, coming = [d for d in drops if d <= epoch], [d for d in drops if d > epoch]
+        text += f", after the drop{'s' if len(passed) > 1 else ''} at epoch {', '.join(map(str, passed))}" if passed \
+            else ""
+        text += f"; x0.1 at epoch {', '.join(map(str, coming))}" if coming else "; no drop before the end"
+    text += f"; trains to epoch {args.epochs - 1}"
+    saved = saved_args or {}
+    if saved.get("lr_scheduler") == args.lr_scheduler and saved.get("epochs") not in (None, args.epochs):
+        text += f" (the checkpoint's run planned {saved['epochs']} epochs)"
+        if args.lr_scheduler == "onecycle":
+            before = lr_at(argparse.Namespace(**{**vars(args), "epochs": saved["epochs"]}), epoch, iterations_per_epoch)
+            text += (f"; onecycle lays its cycle out anew over {args.epochs} epochs, so the lr here is {lr:.3g} "
+                     f"instead of {before:.3g}")
+    if args.lr_warmup_iters and epoch == 0:
+        text += f"; linear warm-up over the first {args.lr_warmup_iters} steps"
+    return text

@@ -15,14 +15,16 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler
 
-from checkpoint import remote, resume
+from checkpoint import finetune, remote, resume
 from checkpoint.format import CheckpointWriteError, load_checkpoint, plain_args, snapshot
 from checkpoint.store import LATEST, CheckpointStore, best_name, numbered_name
 from datasets import build_dataset, get_coco_api_from_dataset
+from datasets.coco import label_names
 from datasets.sampler import GlobalBatchSampler, ShardedSampler
 from engine import EpochPlan, Meters, NonFiniteOutputError, evaluate, train_one_epoch
 from models import build_model, load_pretrained_backbone
-from training.optim import build_optimizer, build_scheduler, position_scheduler, steps_per_iteration
+from training.optim import (build_optimizer, build_scheduler, describe_schedule, position_scheduler,
+                            steps_per_iteration)
 from training.step import OutOfMemoryStop, StopInsideStep, TrainStep, linear_warmup, optimizer_steps_per_epoch
 from training.watch import LossWatch, SampleRecord, early_stop
 from util import distributed as dist_utils
@@ -46,7 +48,9 @@ class Trainer:
         determinism_note = determinism.configure(args.deterministic)
         dist_utils.init_distributed_mode(args)
         self.store = CheckpointStore(args.output_dir, args.keep_checkpoints)
-        self._output_lock = self._claim_output_dir()
+        if args.plan:  # --plan reads output_dir and writes nothing
+            setup_logging("", dist_utils.get_rank(), args.debug)
+        self._output_lock = None if args.plan else self._claim_output_dir()
         self.device = torch.device(args.device)
         self.precision = precision.choose(args.amp, args.amp_dtype, self.device.type)
         _seed_everything(args.seed + dist_utils.get_rank())
@@ -56,6 +60,8 @@ class Trainer:
         self.dataset_val = build_dataset("val", args)  # both splits are checked before anything else takes time
         self.dataset_train = None if args.eval else build_dataset("train", args)
         self.base_ds = get_coco_api_from_dataset(self.dataset_val)
+        self.label_names = label_names((self.dataset_train or self.dataset_val).categories(), args.num_classes,
+                                       args.contiguous_category_ids)  # what the model's labels are: fine-tuning maps by them
         self.val_loader = _loader(self.dataset_val, args, sampler=BatchSampler(
             ShardedSampler(len(self.dataset_val), dist_utils.get_world_size(), dist_utils.get_rank()),
             args.batch_size, drop_last=False))
@@ -113,7 +119,7 @@ class Trainer:
         logger.info(determinism_note)
         logger.info("environment: %s", json.dumps(record))
         logger.info("args: %s", json.dumps(plain_args(args), sort_keys=True, default=str))
-        if args.output_dir:
+        if args.output_dir and not args.plan:
             dump_config(args.config, os.path.join(args.output_dir, "config_cfg.py"))
             with open(os.path.join(args.output_dir, "config_args_all.json"), "w") as f:
                 json.dump(plain_args(args), f, indent=2, sort_keys=True, default=str)
@@ -124,18 +130,7 @@ class Trainer:
         """Where training starts, and everything the loop needs from there."""
         args = self.args
         start = resume.choose_start(args, self.store)
-        self.layout = resume.layout_for(start, args, len(self.dataset_train))
-        self.train_sampler = GlobalBatchSampler(len(self.dataset_train), args.batch_size, args.seed,
-                                                dist_utils.get_world_size(), dist_utils.get_rank(),
-                                                self.layout.accumulate_steps)
-        self.train_loader = _loader(self.dataset_train, args, sampler=self.train_sampler)
-        self.iterations = optimizer_steps_per_epoch(len(self.train_loader), self.layout.accumulate_steps)
-        self.optimizer = build_optimizer(self.model, args)
-        self.scaler = torch.amp.GradScaler("cuda") if self.precision.needs_scaler else None
-        self.ema = build_ema(self.model, args.ema_decay, args.ema_warmup_iters) if args.use_ema else None
-        self.facts = {"origin": resume.run_origin(args), "run_id": start.run_id,
-                      "categories": self.dataset_train.categories(), "environment": self.run_record,
-                      "datasets": {"train": self.dataset_train.fingerprint(), "val": self.dataset_val.fingerprint()}}
+        self._build_loop(start)
         if start.kind == "scratch":
             self._initial_backbone()
         self.progress = resume.restore(start, self)
@@ -156,6 +151,38 @@ class Trainer:
             run_dir.append_event(args.output_dir, "start", how=start.kind, path=start.path, reason=start.why,
                                  run_id=start.run_id, epoch=self.progress.epoch, iteration=self.progress.iteration,
                                  pending=pending["epoch"] if pending else None)
+
+    def _build_loop(self, start) -> None:
+        """The loader, optimizer, scaler and EMA for the layout that `start` keeps."""
+        args = self.args
+        self.layout = resume.layout_for(start, args, len(self.dataset_train))
+        self.train_sampler = GlobalBatchSampler(len(self.dataset_train), args.batch_size, args.seed,
+                                                dist_utils.get_world_size(), dist_utils.get_rank(),
+                                                self.layout.accumulate_steps)
+        self.train_loader = _loader(self.dataset_train, args, sampler=self.train_sampler)
+        self.iterations = optimizer_steps_per_epoch(len(self.train_loader), self.layout.accumulate_steps)
+        self.optimizer = build_optimizer(self.model, args)
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision.needs_scaler else None
+        self.ema = build_ema(self.model, args.ema_decay, args.ema_warmup_iters) if args.use_ema else None
+        self.facts = {"origin": resume.run_origin(args), "run_id": start.run_id,
+                      "categories": self.dataset_train.categories(), "environment": self.run_record,
+                      "datasets": {"train": self.dataset_train.fingerprint(), "val": self.dataset_val.fingerprint()}}
+
+    def plan(self) -> int:
+        """--plan: where this command would start, what it would load and how its lr schedule runs from there;
+        nothing is trained, and no file is written."""
+        args = self.args
+        start, why = resume.decide_start(args, self.store)
+        if why and start.kind != "continue":
+            logger.info("%s", why)
+        self._build_loop(start)
+        progress = resume.restore(start, self)
+        if start.kind == "scratch":
+            logger.info("The backbone would start from backbone_weights=%s", args.backbone_weights)
+        saved = start.checkpoint.get("args") if start.kind in ("continue", "resume") else None
+        logger.info("%s", describe_schedule(args, progress.epoch, self.iterations, saved))
+        logger.info("--plan: nothing was trained and no file was written")
+        return 0
 
     def _initial_backbone(self) -> None:
         """Training from scratch starts from backbone_weights (ImageNet, as the official recipe, or a local file).
@@ -187,9 +214,15 @@ class Trainer:
         if not source:
             raise ValueError("--eval needs weights: pass --resume CHECKPOINT or --pretrain_model_path CHECKPOINT")
         checkpoint = load_checkpoint(source)
-        report = resume.load_weights(self.model, source, checkpoint, args.finetune_ignore)
+        report, classes = resume.load_weights(self.model, source, checkpoint, args, self.label_names)
         logger.info("Evaluating the %s weights of %s:\n%s", "EMA" if checkpoint.get("model_is_ema") else "model",
                     source, report.format())
+        if classes:
+            logger.info("%s", classes.format())
+        finetune.check_shapes(report, source, resume.architecture_differences(checkpoint.get("args") or {}, vars(args)))
+        if args.plan:
+            logger.info("--plan: nothing was evaluated and no file was written")
+            return 0
         results = os.path.join(args.output_dir, "eval", "results.json") if args.save_results and args.output_dir \
             else None
         stats, _ = evaluate(self.model, self.criterion, self.postprocessors, self.val_loader, self.base_ds,

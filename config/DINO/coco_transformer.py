@@ -12,6 +12,8 @@ train_ann_file = None
 val_img_folder = None
 val_ann_file = None
 contiguous_category_ids = False  # True: map arbitrary category ids to labels 0..K-1 (then num_classes = K)
+map_classes_by_name = True  # fine-tuning: carry the class rows of classes the checkpoint and the dataset both
+                            # name (False: the official behaviour, --finetune_ignore'd heads start fresh)
 
 # Only used with --dataset_file synthetic: the generated shapes dataset.
 synthetic_num_train = 2000
