@@ -80,15 +80,21 @@ class _Problems:
     def add(self, what: str, fix: str, example: str) -> None:
         self.kinds.setdefault((what, fix), []).append(example)
 
-    def message(self, ann_file: str, img_folder: str) -> str:
+    def lines(self) -> list:
+        """('what: count (first examples)', fix) per kind."""
         lines = []
         for (what, fix), examples in self.kinds.items():
             shown = "; ".join(examples[:EXAMPLES]) + ("; ..." if len(examples) > EXAMPLES else "")
             lines.append((f"{what}: {len(examples)} ({shown})", fix))
+        return lines
+
+    def message(self, ann_file: str, img_folder: str = None) -> str:
+        lines = self.lines()
         if len(lines) == 1:
             (what, fix), = lines
             return f"{what} in {ann_file}: {fix}"
-        return (f"{len(lines)} kinds of problems in {ann_file} (images in {img_folder}), each listed below with "
+        images = f" (images in {img_folder})" if img_folder else ""
+        return (f"{len(lines)} kinds of problems in {ann_file}{images}, each listed below with "
                 "what to do: fix them and rerun\n" + "\n".join(f"  {what}: {fix}" for what, fix in lines))
 
 
