@@ -11,6 +11,7 @@ import torch
 from checkpoint import remote
 from checkpoint.format import CheckpointError, CheckpointWriteError
 from checkpoint.store import LATEST
+from datasets.coco_eval import check_backend
 from training.step import NonFiniteLossError, OutOfMemoryStop
 from util import distributed as dist_utils
 from util import interrupt, options, precision, run_dir
@@ -114,6 +115,7 @@ def _check_command_line(args) -> None:
     if args.finetune_ignore and not (args.resume or args.pretrain_model_path):
         raise ValueError("--finetune_ignore needs a checkpoint to fine-tune from: add --resume CHECKPOINT or "
                          "--pretrain_model_path CHECKPOINT")
+    check_backend(args.coco_eval_backend)
     if args.start_epoch is not None and not args.eval and not 0 <= args.start_epoch < args.epochs:
         raise ValueError(f"--start_epoch {args.start_epoch} is not in [0, epochs={args.epochs}): nothing would be "
                          "trained; lower --start_epoch or raise epochs (--options epochs=N)")

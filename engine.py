@@ -123,14 +123,16 @@ def _check_finite(outputs: dict, loss_dict: dict, targets) -> None:
 @torch.no_grad()
 def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, *, amp_dtype: Optional[torch.dtype] = None,
              label_to_category_id=None, results_file: Optional[str] = None, max_iters: Optional[int] = None,
-             after_batch: Optional[Callable[[], None]] = None):
-    """COCO bbox evaluation over the whole (possibly sharded) loader; returns (stats dict, evaluator).
+             after_batch: Optional[Callable[[], None]] = None, backend: str = "pycocotools"):
+    """COCO bbox evaluation over the whole (possibly sharded) loader, scored by `backend` (coco_eval_backend);
+    returns (stats dict, evaluator). The stats hold the 12 COCO numbers and per_class_ap, {name: AP or None},
+    rounded to 4 digits to keep log.txt's line short.
 
     `after_batch()` runs after every batch: a stop signal is acted on there, not after a long evaluation."""
     model.eval()
     criterion.eval()
     meters = Meters()
-    evaluator = CocoEvaluator(base_ds, label_to_category_id)
+    evaluator = CocoEvaluator(base_ds, label_to_category_id, backend)
     total = len(data_loader) if max_iters is None else min(max_iters, len(data_loader))
     started = time.time()
     batches = iter(data_loader)
@@ -164,4 +166,5 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, *, 
     evaluator.summarize()
     stats = meters.averages()
     stats["coco_eval_bbox"] = list(evaluator.stats)
+    stats["per_class_ap"] = {name: None if ap is None else round(ap, 4) for name, ap in evaluator.per_class_ap.items()}
     return stats, evaluator

@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from datasets.synthetic import CATEGORIES
 from runner import read_log, run_main
 
 from main import parse_args
@@ -88,3 +89,8 @@ def test_ema_and_tensorboard(data, tmp_path):
     checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert "ema_model" in checkpoint and set(checkpoint["best"]) == {"regular", "ema"}
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert set(log[0]["ema_test_per_class_ap"]) == set(log[0]["test_per_class_ap"]) == set(CATEGORIES)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tags = EventAccumulator(str(tmp_path / "tb")).Reload().Tags()["scalars"]
+    named = {f"test_per_class_ap/{name}" for name, ap in log[0]["test_per_class_ap"].items() if ap is not None}
+    assert named and named <= set(tags) and "test_coco_eval_bbox/0" in tags

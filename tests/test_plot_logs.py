@@ -96,3 +96,14 @@ def test_missing_run_is_one_error_line(tmp_path):
     proc = _plot(tmp_path / "nowhere", "--out", tmp_path / "x.png")
     assert proc.returncode == 2 and "error:" in proc.stdout and "no log.txt" in proc.stdout
     assert "Traceback" not in proc.stdout
+
+
+def test_per_class_ap_over_epochs(trained_run, tmp_path):
+    proc = _plot(trained_run, "--per-class", "--out", tmp_path / "classes.png", "--dump-json", tmp_path / "data.json")
+    assert proc.returncode == 0, proc.stdout
+    logged = read_log(trained_run)[0]["test_per_class_ap"]
+    run = json.loads((tmp_path / "data.json").read_text())["run"]
+    assert run["series"]["per_class_AP"] == {name: [ap] for name, ap in logged.items()}
+    assert logged == pytest.approx(run["evaluation"]["per_class_ap"], abs=1e-4)  # the run's own detections
+    with Image.open(tmp_path / "classes.png") as figure:
+        assert figure.size[1] == 1425  # a third row of panels, 4.75 inches at 100 dpi

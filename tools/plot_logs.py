@@ -2,6 +2,9 @@
 evaluation's detections. Several runs are overlaid, labelled with their folder names.
 
     python tools/plot_logs.py runs/demo runs/other --out curves.png [--ann instances_val2017.json] [--dump-json data.json]
+                              [--per-class] [--coco_eval_backend faster]
+
+--per-class adds a panel per run: each class's AP@[.5:.95] over the epochs, from log.txt's test_per_class_ap.
 
 A resumed run's log.txt is one curve: when an epoch appears twice the later line wins. The per-class panels
 need detections (main.py --save_results writes eval/results{epoch}.json, --eval --save_results eval/results.json;
@@ -25,6 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from checkpoint.remote import Mirror, is_url  # noqa: E402
+from datasets.coco_eval import BACKENDS, check_backend, coco_evaluation, per_class_ap  # noqa: E402
 from util.run_dir import read_epochs  # noqa: E402
 
 logger = logging.getLogger("dino.plot_logs")
@@ -33,8 +37,8 @@ COCO_NAMES = ("AP", "AP50", "AP75")
 
 
 def epoch_series(records: list) -> dict:
-    """{'epoch': [...], key: [...]} for every number logged, plus AP/AP50/AP75 (and ema_*) from the COCO stats.
-    An epoch that lacks a key has None there."""
+    """{'epoch': [...], key: [...]} for every number logged, plus AP/AP50/AP75 (and ema_*) from the COCO stats and
+    per_class_AP (and ema_per_class_AP), {class: [...]}. An epoch that lacks a key or a class has None there."""
     series = {"epoch": [r["epoch"] for r in records]}
     keys = sorted({k for r in records for k, v in r.items() if isinstance(v, (int, float)) and k != "epoch"})
     for key in keys:
@@ -44,6 +48,10 @@ def epoch_series(records: list) -> dict:
         if any(stats):
             for i, name in enumerate(COCO_NAMES):
                 series[prefix + name] = [s[i] if s else None for s in stats]
+        per_class = [r.get(f"{prefix}test_per_class_ap") or {} for r in records]
+        if any(per_class):
+            classes = dict.fromkeys(name for ap in per_class for name in ap)
+            series[prefix + "per_class_AP"] = {name: [ap.get(name) for ap in per_class] for name in classes}
     return series
 
 
@@ -70,27 +78,21 @@ def ground_truth_file(run_dir: str, ann):
     return candidate if candidate and os.path.isfile(candidate) else None
 
 
-def evaluation_curves(results_file: str, ann_file: str) -> dict:
+def evaluation_curves(results_file: str, ann_file: str, backend: str) -> dict:
     """Per-class AP@[.5:.95] and the class-averaged precision-recall curves at IoU 0.5 and 0.75 (area all,
-    100 detections), from pycocotools' precision array."""
+    100 detections), from the precision array of `backend`'s COCOeval."""
     from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
 
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress for every step
         gt = COCO(ann_file)
-        evaluator = COCOeval(gt, gt.loadRes(results_file), "bbox")
-        evaluator.evaluate()
-        evaluator.accumulate()
+    evaluator = coco_evaluation(gt, results_file, backend)
     precision = evaluator.eval["precision"][:, :, :, 0, -1]  # IoU thresholds x recall x classes
     valid = np.where(precision > -1, precision, np.nan)  # -1: a class without ground truth
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the mean of an all-nan slice is nan, as wanted
-        per_class = np.nanmean(valid, axis=(0, 1))
         pr = {f"precision_iou{int(t * 100)}": np.nanmean(valid[i], axis=1)
               for i, t in enumerate(evaluator.params.iouThrs) if round(t * 100) in (50, 75)}
-    names = [gt.cats[c]["name"] for c in evaluator.params.catIds]
-    return {"results_file": results_file, "ann_file": ann_file,
-            "per_class_ap": {n: _number(v) for n, v in zip(names, per_class)},
+    return {"results_file": results_file, "ann_file": ann_file, "per_class_ap": per_class_ap(evaluator),
             "recall": evaluator.params.recThrs.tolist(),
             **{k: [_number(x) for x in v] for k, v in pr.items()}}
 
@@ -99,7 +101,7 @@ def _number(value):
     return None if np.isnan(value) else float(value)
 
 
-def collect_series(run_dirs: list, ann=None) -> dict:
+def collect_series(run_dirs: list, ann, backend: str) -> dict:
     """Everything the figure shows: {run label: {'dir', 'series' (epoch_series), 'evaluation' (or None)}}."""
     names = [os.path.basename(os.path.normpath(d)) for d in run_dirs]
     runs = {}
@@ -115,11 +117,12 @@ def collect_series(run_dirs: list, ann=None) -> dict:
         if not records:
             raise ValueError(f"{log} holds no complete epoch yet")
         label = name if names.count(name) == 1 else run_dir
-        runs[label] = {"dir": run_dir, "series": epoch_series(records), "evaluation": _evaluation(run_dir, ann)}
+        runs[label] = {"dir": run_dir, "series": epoch_series(records),
+                       "evaluation": _evaluation(run_dir, ann, backend)}
     return runs
 
 
-def _evaluation(run_dir: str, ann):
+def _evaluation(run_dir: str, ann, backend: str):
     results, ann_file = latest_results(run_dir), ground_truth_file(run_dir, ann)
     if results is None or ann_file is None:
         logger.warning("warning: %s: no per-class AP or precision-recall: %s", run_dir,
@@ -130,16 +133,17 @@ def _evaluation(run_dir: str, ann):
         if not json.load(f):
             logger.warning("warning: %s holds no detections: no per-class AP or precision-recall", results)
             return None
-    return evaluation_curves(results, ann_file)
+    return evaluation_curves(results, ann_file, backend)
 
 
-def plot(runs: dict, out: str) -> None:
+def plot(runs: dict, out: str, per_class: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 4, figsize=(22, 9.5))
+    rows = 2 + (-(-len(runs) // 4) if per_class else 0)  # per class: a row of four runs' panels, or more rows
+    fig, axes = plt.subplots(rows, 4, figsize=(22, 4.75 * rows), squeeze=False)
     panels = [("train_loss", "training loss", False), ("train_loss_", "training loss terms (last decoder layer)", True),
               ("test_loss", "test loss", False), ("test_loss_", "test loss terms (last decoder layer)", True)]
     for ax, (key, title, terms) in zip(axes[0], panels):
@@ -164,6 +168,8 @@ def plot(runs: dict, out: str) -> None:
     _finish(axes[1, 0], "learning rate", "lr")
     _finish(axes[1, 1], "bbox AP (COCO)", "AP")
     _plot_evaluations(axes[1, 2], axes[1, 3], runs)
+    if per_class:
+        _plot_per_class(axes[2:].ravel(), runs)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -203,19 +209,36 @@ def _plot_evaluations(bars_ax, pr_ax, runs: dict) -> None:
     _finish(pr_ax, "precision-recall, last evaluation (mean over classes)", "precision", xlabel="recall")
 
 
+def _plot_per_class(axes, runs: dict) -> None:
+    """A panel per run: each class's AP@[.5:.95] per epoch (a class without ground truth leaves a gap)."""
+    for ax, (label, run) in zip(axes, runs.items()):
+        series = run["series"]
+        for name, values in series.get("per_class_AP", {}).items():
+            ax.plot(series["epoch"], [np.nan if v is None else v for v in values], marker=".", label=name)
+        if "per_class_AP" not in series:
+            ax.text(0.5, 0.5, "no test_per_class_ap in log.txt", ha="center", va="center")
+        _finish(ax, f"{label}: per-class AP@[.5:.95]", "AP")
+    for ax in axes[len(runs):]:
+        ax.set_axis_off()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="main.py output directories")
     parser.add_argument("--out", default="training_curves.png", help="the figure (.png, .pdf, .svg)")
     parser.add_argument("--ann", help="ground-truth COCO annotations for the per-class panels")
     parser.add_argument("--dump-json", metavar="FILE", help="also write the plotted numbers as JSON")
+    parser.add_argument("--per-class", action="store_true", help="also plot each class's AP per epoch, per run")
+    parser.add_argument("--coco_eval_backend", default="pycocotools", choices=BACKENDS,
+                        help="what scores the detections of the per-class panels (as main.py's config key)")
     opts = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if opts.ann and not os.path.isfile(opts.ann):
             raise ValueError(f"--ann {opts.ann} does not exist")
-        runs = collect_series(opts.runs, opts.ann)
-        plot(runs, opts.out)
+        check_backend(opts.coco_eval_backend)
+        runs = collect_series(opts.runs, opts.ann, opts.coco_eval_backend)
+        plot(runs, opts.out, opts.per_class)
         if opts.dump_json:
             with open(opts.dump_json, "w") as f:
                 json.dump(runs, f, indent=1)

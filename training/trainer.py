@@ -227,7 +227,8 @@ class Trainer:
             else None
         stats, _ = evaluate(self.model, self.criterion, self.postprocessors, self.val_loader, self.base_ds,
                             self.device, results_file=results, amp_dtype=self.precision.dtype,
-                            label_to_category_id=self._label_map(), max_iters=10 if args.debug else None)
+                            label_to_category_id=self._label_map(), max_iters=10 if args.debug else None,
+                            backend=args.coco_eval_backend)
         if args.output_dir and dist_utils.is_main_process():
             with open(os.path.join(args.output_dir, "eval", "eval_stats.json"), "w") as f:
                 json.dump({f"test_{k}": v for k, v in stats.items()}, f)
@@ -350,7 +351,8 @@ class Trainer:
         ema_model = self.ema.module if self.ema is not None else None
         dist_utils.broadcast_state([*self.model.buffers(), *(self.ema.buffers() if self.ema is not None else ())])
         kwargs = dict(amp_dtype=self.precision.dtype, label_to_category_id=self._label_map(),
-                      max_iters=10 if self.args.debug else None, after_batch=self._after_eval_batch)
+                      max_iters=10 if self.args.debug else None, after_batch=self._after_eval_batch,
+                      backend=self.args.coco_eval_backend)
         try:
             test_stats, _ = evaluate(self.model, self.criterion, self.postprocessors, self.val_loader, self.base_ds,
                                      self.device, results_file=results_file, **kwargs)
@@ -375,6 +377,11 @@ class Trainer:
         epoch, out = log_stats["epoch"], self.args.output_dir
         if self.tensorboard is not None:
             for key, value in log_stats.items():
+                if isinstance(value, dict):  # per-class AP: a curve per class that has ground truth
+                    for name, v in value.items():
+                        if v is not None:
+                            self.tensorboard.add_scalar(f"{key}/{name}", v, epoch)
+                    continue
                 values = value if isinstance(value, list) else [value]
                 for i, v in enumerate(values[:3]):  # AP, AP50, AP75 of the COCO stats
                     self.tensorboard.add_scalar(key if len(values) == 1 else f"{key}/{i}", v, epoch)

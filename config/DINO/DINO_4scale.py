@@ -91,3 +91,7 @@ interm_loss_coef = 1.0
 # post-processing
 num_select = 300
 nms_iou_threshold = -1
+
+# evaluation: "pycocotools" (official) or "faster" (faster-coco-eval, pip install faster-coco-eval: the same 12
+# numbers, its matching and accumulation in C++; docs/evaluation.md)
+coco_eval_backend = "pycocotools"

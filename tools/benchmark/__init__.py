@@ -20,6 +20,10 @@ attention core's sampling, invisible to FlopCounterMode, is counted from its sha
 --demo trains the demo (main.py -c config/DINO/DINO_demo.py) for this tree and REV, back to back in alternating
 order, and reports the wall time from each command's start until its log.txt showed the target APs.
 
+    python -m tools.benchmark --eval_backends [--images 5000] [--runs 5] [--coco_path data/synthetic]
+
+--eval_backends times COCO evaluation by pycocotools and by faster-coco-eval (eval_backends.py).
+
 The modules import no module of the project when they are imported, only inside functions: a worker imports
 the model code of its revision's tree (revisions.use_tree), which our modules must not have loaded before.
 """

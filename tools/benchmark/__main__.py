@@ -9,6 +9,7 @@ import torch
 import tools.benchmark
 from tools.benchmark import ROOT, BenchmarkError
 from tools.benchmark.demo import demo
+from tools.benchmark.eval_backends import eval_backends
 from tools.benchmark.model import benchmark
 from tools.benchmark.revisions import resolve_revision, worker_main
 
@@ -32,7 +33,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=2, help="--demo: trainings per revision")
     p.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.65], help="--demo: bbox APs to time")
     p.add_argument("--demo_options", nargs="+", default=None, help="--demo: main.py --options for every run")
-    p.add_argument("--coco_path", default=str(ROOT / "data" / "synthetic"), help="--demo: the dataset folder")
+    p.add_argument("--coco_path", default=str(ROOT / "data" / "synthetic"),
+                   help="--demo, --eval_backends: the demo's dataset folder")
+    p.add_argument("--eval_backends", action="store_true",
+                   help="time COCO evaluation by pycocotools and faster-coco-eval on the same made-up detections")
+    p.add_argument("--images", type=int, default=5000, help="--eval_backends: images of the generated set")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: time the tree at this root
     return p
 
@@ -44,11 +49,11 @@ def main(argv=None) -> None:
         return worker_main(opts)
     sys.path.insert(0, str(ROOT))
     try:
-        if min(opts.runs, opts.repeats, opts.batch, opts.threads, *opts.size) < 1:
-            raise BenchmarkError("--runs, --repeats, --batch, --threads and --size must be at least 1")
+        if min(opts.runs, opts.repeats, opts.batch, opts.threads, opts.images, *opts.size) < 1:
+            raise BenchmarkError("--runs, --repeats, --batch, --threads, --images and --size must be at least 1")
         if opts.against:
             resolve_revision(opts.against)  # fail before the measurements, not after
-        results = demo(opts) if opts.demo else benchmark(opts)
+        results = eval_backends(opts) if opts.eval_backends else demo(opts) if opts.demo else benchmark(opts)
     except (BenchmarkError, ValueError, FileNotFoundError, FileExistsError) as e:
         sys.exit(f"benchmark: error: {e}")
     if opts.json:
