@@ -18,6 +18,8 @@ import time
 import uuid
 from typing import List, Optional
 
+from util import run_dir
+
 logger = logging.getLogger("dino.remote")
 
 RETRIES = 4  # attempts of a transfer before its failure is reported; waits of 1, 2, 4 s between them
@@ -133,6 +135,10 @@ class Mirror:
         except FileNotFoundError:
             raise RemoteError(f"--output_dir {self.url}: the bucket {bucket} does not exist (or these credentials "
                               "cannot see it): create it or choose another --output_dir") from None
+        except RemoteError as e:
+            fix = "check the credentials this machine uses for the store" if "permission denied" in str(e) else \
+                "check the network and the store's address (an endpoint setting), then rerun"
+            raise RemoteError(f"--output_dir {self.url}: {e}: {fix}; nothing was trained or written") from None
 
     def abort_incomplete_uploads(self) -> List[str]:
         """Multipart uploads under this folder that a kill left incomplete: never visible, but stored (and
@@ -171,7 +177,7 @@ class Mirror:
             if name not in names and name not in keep_local:
                 os.remove(os.path.join(self.local, name))
         for name in names:
-            if name in SMALL_FILES or name == "checkpoint.pth" or name.startswith("eval/"):
+            if name in SMALL_FILES or name == "checkpoint.pth" or "/" in name:  # logs and the run's folders
                 self.fetch(name, refresh=True)
         return names
 
@@ -210,7 +216,7 @@ class Mirror:
 
     def set_aside(self, folder: str) -> List[str]:
         """Move the remote run's files to previous/<folder>/, as run_dir.set_aside does locally."""
-        moved = [n for n in self.names() if _is_run_file(n)]
+        moved = [n for n in self.names() if run_dir.is_run_file(n)]
         if not any(n.endswith(".pth") or n == "log.txt" for n in moved):  # no run was there
             return []
         for name in moved:
@@ -277,14 +283,6 @@ def _dead_here(lease: dict) -> bool:
     return lease["host"] == socket.gethostname() and not os.path.exists(f"/proc/{lease['pid']}")
 
 
-_RUN_FILE = re.compile(r'^(checkpoint.*\.pth|log\.txt|events\.jsonl|run_id\.txt|config_cfg\.py|config_args_all\.json|'
-                       r'eval/.*|sample_ids/.*)$')
-
-
-def _is_run_file(name: str) -> bool:
-    return bool(_RUN_FILE.match(name))
-
-
 def _local_run_files(local: str) -> List[str]:
     names = []
     for folder, _, files in os.walk(local):
@@ -292,10 +290,13 @@ def _local_run_files(local: str) -> List[str]:
         if relative.split(os.sep)[0] == "previous":
             continue
         names += [f if relative == "." else f"{relative}/{f}" for f in files]
-    return [n for n in names if _is_run_file(n) or n in SMALL_FILES]
+    return [n for n in names if run_dir.is_run_file(n) or n in SMALL_FILES]
 
 
 def _small_files(local: str) -> List[str]:
-    eval_dir = os.path.join(local, "eval")
-    evaluation = sorted(f"eval/{f}" for f in os.listdir(eval_dir)) if os.path.isdir(eval_dir) else []
-    return [n for n in SMALL_FILES if os.path.exists(os.path.join(local, n))] + evaluation
+    """The logs and the files of the run's folders (evaluations, TensorBoard, sample ids), sent after each save."""
+    folders = []
+    for folder in run_dir.RUN_FOLDERS:
+        for parent, _, files in sorted(os.walk(os.path.join(local, folder))):
+            folders += sorted(os.path.relpath(os.path.join(parent, f), local).replace(os.sep, "/") for f in files)
+    return [n for n in SMALL_FILES if os.path.exists(os.path.join(local, n))] + folders

@@ -195,3 +195,71 @@ def test_resume_and_the_tools_read_checkpoints_from_the_store(data, server, tmp_
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **env})
     assert predicted.returncode == 0, predicted.stdout[-2000:]
     assert len(list((tmp_path / "predictions").iterdir())) >= len(list((data / "val2017").iterdir()))
+
+
+def test_two_processes_move_to_a_new_machine_with_their_records(data, server, tmp_path):
+    """torchrun, 2 processes, output_dir on the store, TensorBoard and the sample-id record on: stopped by a
+    SIGTERM to the job on machine a, continued on machine b (an empty staging folder) to the end. The bucket
+    then holds one log line per epoch, TensorBoard's files and both processes' records, by which each image
+    of each epoch was trained exactly once."""
+    fs = _bucket(server, "runs")
+    url = "s3://runs/two"
+
+    def torchrun(machine):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main.py", "-c",
+               "config/DINO/DINO_demo.py", "--coco_path", str(data), "--output_dir", url, "--num_workers", "0",
+               "--save_log", "--no-amp", "--options", *TINY_OPTIONS, "synthetic_num_train=16", "epochs=3",
+               "record_sample_ids=True", "use_tensorboard=True"]
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                             **_env(server, machine)})
+
+    first = torchrun(tmp_path / "a")
+    wait_for_event(first, _staging(tmp_path / "a"), "step", epoch=1, iteration=1)
+    os.killpg(first.pid, signal.SIGTERM)
+    output = first.communicate(timeout=240)[0]
+    assert "SIGTERM received during epoch 1: saved s3://runs/two/checkpoint.pth (uploaded in" in output, output[-3000:]
+
+    last = torchrun(tmp_path / "b")
+    output = last.communicate(timeout=300)[0]
+    assert last.returncode == 0, output[-4000:]
+    assert "Continuing the interrupted run in s3://runs/two" in output
+    assert [e["epoch"] for e in _log(fs, url)] == [0, 1, 2]
+    assert fs.find("runs/two/tb"), "no TensorBoard file in the bucket"
+    trained = {}
+    for rank in (0, 1):
+        for line in fs.cat_file(f"runs/two/sample_ids/rank{rank}.txt").decode().splitlines():
+            epoch, *ids = map(int, line.split())
+            trained.setdefault(epoch, []).extend(ids)
+    assert {epoch: sorted(ids) for epoch, ids in trained.items()} == {e: list(range(1, 17)) for e in range(3)}
+
+
+def test_a_store_that_cannot_be_reached_or_refuses_the_credentials_stops_the_start(data, tmp_path):
+    """No server at the address (botocore's own retries off, so ours are timed), and a server that checks
+    credentials (moto with authentication on) that does not know ours: exit 2 and one line that says what
+    to check; no staging folder is left with files in it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nowhere = {"env": {**KEYS, "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_MAX_ATTEMPTS": "1"}}
+    proc = run_main(data, "s3://runs/far", env=_env(nowhere, tmp_path / "a"), check=False)
+    last = proc.stdout.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout, proc.stdout[-2000:]
+    assert last.startswith("error: --output_dir s3://runs/far: could not list s3://runs/far after 4 attempt(s):"), last
+    assert last.endswith("check the network and the store's address (an endpoint setting), then rerun; nothing was "
+                         "trained or written"), last
+
+    strict = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    try:
+        time.sleep(3)
+        proc = run_main(data, "s3://runs/far", env=_env({"env": {**nowhere["env"], "AWS_MAX_ATTEMPTS": "3"}},
+                                                        tmp_path / "b"), check=False)
+    finally:
+        strict.kill()
+    last = proc.stdout.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout, proc.stdout[-2000:]
+    assert last.startswith("error: --output_dir s3://runs/far: could not list s3://runs/far: permission denied"), last
+    assert last.endswith("check the credentials this machine uses for the store; nothing was trained or written")
+    assert not [p for p in (tmp_path / "b").rglob("*") if p.is_file() and p.suffix == ".pth"]

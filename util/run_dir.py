@@ -163,8 +163,14 @@ def append_log(output_dir: str, record: dict) -> None:
 
 
 # What a run leaves in its output_dir beside info.txt (which keeps every run's history) and the dataset checks.
-RUN_FILES = re.compile(r'^(checkpoint.*\.pth|log\.txt|events\.jsonl|run_id\.txt|eval|tb|sample_ids|config_cfg\.py|'
-                       r'config_args_all\.json)$')
+RUN_FOLDERS = ("eval", "tb", "sample_ids")
+RUN_FILES = re.compile(r'^(checkpoint.*\.pth|log\.txt|events\.jsonl|run_id\.txt|config_cfg\.py|config_args_all\.json|'
+                       + "|".join(RUN_FOLDERS) + r')$')
+
+
+def is_run_file(name: str) -> bool:
+    """Whether a path relative to output_dir (a file in one of RUN_FOLDERS too) belongs to the run."""
+    return bool(RUN_FILES.match(name.split("/")[0]))
 
 
 def set_aside(output_dir: str, run_id: Optional[str], keep: Optional[str] = None) -> tuple:
