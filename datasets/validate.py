@@ -71,7 +71,7 @@ def read_annotations(ann_file: str) -> dict:
     return data
 
 
-class _Problems:
+class Problems:
     """Problems grouped by kind, (what, fix) -> examples, kept in the order found."""
 
     def __init__(self):
@@ -187,7 +187,7 @@ def _check_categories(categories, num_classes, dn_labelbook_size, contiguous, pr
                              "or contiguous_category_ids=True", f"category {category_id}")
 
 
-def _image_size(path):
+def image_size(path):
     """(width, height) read from the file's header without decoding pixels, or why it cannot be read."""
     try:
         with Image.open(path) as image:
@@ -206,7 +206,7 @@ def _check_image_files(images, img_folder, problems) -> None:
         return
     paths = [os.path.join(img_folder, image["file_name"]) for image, _ in images]
     with ThreadPoolExecutor(max_workers=8) as pool:  # header reads wait on the disk, not the CPU
-        found = list(pool.map(_image_size, paths))
+        found = list(pool.map(image_size, paths))
     for (image, expected), path, (size, error) in zip(images, paths, found):
         name = f"image id {image['id']} {path}"
         if error == "missing":
@@ -245,7 +245,7 @@ def check_dataset(data: dict, ann_file: str, img_folder: str, num_classes: int, 
     key = _cache_key(ann_file, img_folder, num_classes, dn_labelbook_size, contiguous_category_ids)
     if cache_path and key in _read_cache(cache_path):
         return
-    problems = _Problems()
+    problems = Problems()
     sections = {}
     for section in ("images", "annotations", "categories"):
         if isinstance(data.get(section), list):

@@ -248,8 +248,8 @@ def test_cache_key_covers_the_file_and_the_label_settings(clean, tmp_path, monke
     shutil.copytree(clean, root)
     ann_file, img_folder = str(ann_path(root, "train")), str(root / "train2017")
     opened = []
-    real = validate._image_size
-    monkeypatch.setattr(validate, "_image_size", lambda path: opened.append(path) or real(path))
+    real = validate.image_size
+    monkeypatch.setattr(validate, "image_size", lambda path: opened.append(path) or real(path))
 
     def check(num_classes=5):
         opened.clear()

@@ -5,7 +5,7 @@
     python tools/convert_dataset.py coco exported/annotations.json --out data/mine --val-fraction 0.2 --seed 1
 
 Images are linked (symbolic links to the source files), not copied, unless --copy. A source without a val split
-is split (--val-fraction, default 0.1, --seed); one with a val split keeps it. Conventions: datasets/convert.py
+is split (--val-fraction, default 0.1, --seed); one with a val split keeps it. Conventions: datasets/convert/
 and docs/datasets.md. Exit code 2, with every problem listed and nothing written, when the data is unusable.
 """
 import argparse
