@@ -18,10 +18,14 @@ import time
 import uuid
 from typing import List, Optional
 
+import fsspec
+import fsspec.callbacks
+
 from util import run_dir
 
 logger = logging.getLogger("dino.remote")
 
+PROGRESS_SECONDS = 10  # between the lines of a long upload
 RETRIES = 4  # attempts of a transfer before its failure is reported; waits of 1, 2, 4 s between them
 LEASE = ".lease.json"
 SMALL_FILES = ("info.txt", "log.txt", "events.jsonl", "run_id.txt", "config_cfg.py", "config_args_all.json",
@@ -49,7 +53,6 @@ def redact(text: str) -> str:
 def filesystem(url: str, what: str = "--output_dir"):
     """(fsspec filesystem, path inside it) for url. A scheme no installed fsspec backend handles is refused
     with one line that says which package to install."""
-    import fsspec
     scheme = url.split("://", 1)[0]
     try:
         fsspec.get_filesystem_class(scheme)
@@ -106,6 +109,25 @@ def _transfer(action, what: str, attempts: int = RETRIES):
 
 def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+class UploadProgress(fsspec.callbacks.Callback):
+    """A line every PROGRESS_SECONDS while an upload lasts (a multi-GB checkpoint on a slow link), so that a long
+    upload is visible; a short one says nothing."""
+
+    def __init__(self, display: str, clock=time.monotonic):
+        super().__init__()
+        self.display, self.clock = display, clock
+        self.started = self.last = clock()
+
+    def call(self, *args, **kwargs) -> None:
+        now = self.clock()
+        if now - self.last < PROGRESS_SECONDS or not self.size:
+            return
+        self.last = now
+        rate = self.value / max(now - self.started, 1e-9)
+        logger.info("uploading %s: %.0f%% of %.0f MB, %.1f MB/s, about %.0f s left", self.display,
+                    100 * self.value / self.size, self.size / 2**20, rate / 2**20, (self.size - self.value) / max(rate, 1))
 
 
 class Mirror:
@@ -201,9 +223,9 @@ class Mirror:
             stat = os.stat(path)
             if name not in names and self.sent.get(name) == (stat.st_size, stat.st_mtime_ns):
                 continue
-            if stat.st_size > 256 << 20:
-                logger.info("uploading %s (%.0f MB)", self.display(name), stat.st_size / 2**20)
-            _transfer(lambda: self.fs.put_file(path, self.remote(name)), f"upload {self.display(name)}", attempts)
+            progress = UploadProgress(self.display(name))
+            _transfer(lambda: self.fs.put_file(path, self.remote(name), callback=progress),
+                      f"upload {self.display(name)}", attempts)
             self.sent[name] = (stat.st_size, stat.st_mtime_ns)
         self.pushed_seconds = time.time() - started
 

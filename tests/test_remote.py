@@ -263,3 +263,25 @@ def test_a_store_that_cannot_be_reached_or_refuses_the_credentials_stops_the_sta
     assert last.startswith("error: --output_dir s3://runs/far: could not list s3://runs/far: permission denied"), last
     assert last.endswith("check the credentials this machine uses for the store; nothing was trained or written")
     assert not [p for p in (tmp_path / "b").rglob("*") if p.is_file() and p.suffix == ".pth"]
+
+
+def test_a_long_upload_shows_its_progress(caplog):
+    """An upload that lasts past PROGRESS_SECONDS logs how far it is, at most one line per interval; a short
+    one logs nothing. fsspec's backends report the bytes sent to this callback."""
+    from checkpoint.remote import PROGRESS_SECONDS, UploadProgress
+
+    now = [0.0]
+    progress = UploadProgress("s3://runs/big/checkpoint.pth", clock=lambda: now[0])
+    progress.set_size(400 * 2**20)
+    caplog.set_level("INFO", logger="dino.remote")
+    for _ in range(40):  # 10 MB every second
+        now[0] += 1
+        progress.relative_update(10 * 2**20)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 40 // PROGRESS_SECONDS, lines
+    assert lines[0] == "uploading s3://runs/big/checkpoint.pth: 25% of 400 MB, 10.0 MB/s, about 30 s left"
+    caplog.clear()
+    quick = UploadProgress("s3://runs/big/log.txt", clock=lambda: now[0])
+    quick.set_size(1000)
+    quick.relative_update(1000)
+    assert not caplog.records
