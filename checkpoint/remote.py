@@ -200,7 +200,10 @@ class Mirror:
                 os.remove(os.path.join(self.local, name))
         for name in names:
             if name in SMALL_FILES or name == "checkpoint.pth" or "/" in name:  # logs and the run's folders
-                self.fetch(name, refresh=True)
+                try:
+                    self.fetch(name, refresh=True)
+                except FileNotFoundError:  # removed since the listing (a pruned file): the remote has it no more
+                    logger.warning("%s was listed but is gone: left out", self.display(name))
         return names
 
     def fetch(self, name: str, refresh: bool = False) -> str:

@@ -285,3 +285,23 @@ def test_a_long_upload_shows_its_progress(caplog):
     quick.set_size(1000)
     quick.relative_update(1000)
     assert not caplog.records
+
+
+def test_a_key_that_vanishes_between_listing_and_reading_is_left_out(server, tmp_path, monkeypatch, caplog):
+    """The pull lists the folder, then reads each file: one deleted in between (pruned by the run that owns the
+    folder) is left out with a warning, the others arrive."""
+    from checkpoint.remote import Mirror
+
+    fs = _bucket(server, "runs")
+    fs.pipe_file("runs/vanish/log.txt", b"{}\n")
+    fs.pipe_file("runs/vanish/eval/gone.json", b"{}")
+    mirror = Mirror("s3://runs/vanish", str(tmp_path / "staging"))
+    mirror.fs = fs  # this process's fsspec read its endpoint setting at import: the test server's client instead
+    listed = mirror.names()
+    fs.rm_file("runs/vanish/eval/gone.json")
+    monkeypatch.setattr(mirror, "names", lambda: listed)
+    caplog.set_level("WARNING", logger="dino.remote")
+    assert mirror.pull() == ["eval/gone.json", "log.txt"]
+    assert (tmp_path / "staging" / "log.txt").read_bytes() == b"{}\n"
+    assert not (tmp_path / "staging" / "eval" / "gone.json").exists()
+    assert [r.getMessage() for r in caplog.records] == ["s3://runs/vanish/eval/gone.json was listed but is gone: left out"]
