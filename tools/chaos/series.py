@@ -5,7 +5,6 @@ import logging
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from checkpoint.store import LATEST, CheckpointStore, numbered_checkpoints
 
 from .checks import CheckpointFiles, describe, differences, error_lines, loads, resumed, sha256
 from .plan import Kill, plan_kills, reference_markers
-from .processes import ROOT, Run, limit_file_size, rank_pid, wait_for_temporary_file
+from .processes import POLL, ROOT, Run, limit_file_size, rank_pid, wait_for_temporary_file
 from .remote import RemoteView, expected_remote_start, machine_staging
 
 logging.getLogger("dino").addHandler(logging.NullHandler())  # decide_start's warnings are main.py's to print
@@ -52,6 +51,20 @@ class Board:
     def ok(self) -> bool:
         return (self.survived == self.landed and self.failures == 0 and self.corrupt == 0
                 and not self.differences and int(self.flip_rejected) == self.flips)
+
+
+def wait_in_window(run: Run, delay: float) -> bool:
+    """Wait `delay` seconds after the kill's target event, or less: until the run's next progress event, since
+    the kill was aimed inside the window before it (a run faster than the reference's would otherwise finish
+    first). False when the run ended meanwhile."""
+    until = time.time() + delay
+    while time.time() < until:
+        if not run.alive():
+            return False
+        if run.catch_up():
+            return True
+        time.sleep(POLL)
+    return run.alive()
 
 
 class Chaos:
@@ -217,11 +230,7 @@ class Chaos:
             tmp = wait_for_temporary_file(self.workspace, self.stale, run, deadline)
             reached = bool(tmp)
         elif reached:
-            try:
-                run.proc.wait(timeout=kill.delay)
-                reached = False
-            except subprocess.TimeoutExpired:
-                pass
+            reached = wait_in_window(run, kill.delay)
         run.catch_up()
         line, at = run.last_progress
         target = self.send(run, kill) if reached and run.alive() else ""
