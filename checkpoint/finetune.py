@@ -36,6 +36,8 @@ class ClassMap:
     source: str = "its recorded categories"
 
     def format(self) -> str:
+        if not self.fresh and not self.dropped and all(new == old for new, old, _ in self.carried):
+            return f"classes by name: the checkpoint's {len(self.carried)} classes, with the same labels"
         moved = [f"{name} ({old}->{new})" if old != new else name for new, old, name in self.carried]
         lines = [f"classes by name (from the checkpoint's {self.source}): {len(self.carried)} carried over, "
                  f"{len(self.fresh)} new, {len(self.dropped)} of the checkpoint's not in this dataset"]
