@@ -126,8 +126,9 @@ class UploadProgress(fsspec.callbacks.Callback):
             return
         self.last = now
         rate = self.value / max(now - self.started, 1e-9)
+        left = (self.size - self.value) / max(rate, 1)
         logger.info("uploading %s: %.0f%% of %.0f MB, %.1f MB/s, about %.0f s left", self.display,
-                    100 * self.value / self.size, self.size / 2**20, rate / 2**20, (self.size - self.value) / max(rate, 1))
+                    100 * self.value / self.size, self.size / 2**20, rate / 2**20, left)
 
 
 class Mirror:

@@ -44,11 +44,12 @@ def _eval_ap(pretrained, dataset, *extra, options=()) -> float:
 
 
 def test_classes_are_carried_over_by_name(pretrained, tmp_path):
-    """The same classes under other ids score exactly as before; on a subset of them (one class fewer, ids
-    shuffled) the carried rows score far above the official reset rows and above rows loaded by position."""
+    """The same classes under other ids score as before (exactly, on this CPU); on a subset of them (one class
+    fewer, ids shuffled) the carried rows score far above the official reset rows and above rows loaded by
+    position."""
     original = _eval_ap(pretrained, _dataset(pretrained, tmp_path, "same", {1: 1, 2: 2, 3: 3, 4: 4}))
     shuffled = _eval_ap(pretrained, _dataset(pretrained, tmp_path, "shuffled", {1: 4, 2: 3, 3: 1, 4: 2}), *FINETUNE)
-    assert original > 0.02 and shuffled == original
+    assert original > 0.02 and abs(shuffled - original) <= 0.002  # equal here; other kernels may round otherwise
 
     subset = _dataset(pretrained, tmp_path, "subset", {1: 3, 2: 1, 3: 2})
     carried = _eval_ap(pretrained, subset, *FINETUNE)
@@ -99,7 +100,8 @@ def test_a_head_that_fits_neither_way_is_one_error(pretrained, tmp_path):
                     options=[*renamed, "num_classes=3", "dn_labelbook_size=3"])
     errors = [line for line in proc.stdout.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stdout
-    assert re.search(r"error: .*checkpoint\.pth: (\S*class_embed\S*|label_enc\.weight) is \[5, 32\] in the checkpoint but \[3, 32\] in "
+    assert re.search(r"error: .*checkpoint\.pth: (\S*class_embed\S*|label_enc\.weight) is \[5, 32\] in the "
+                     r"checkpoint but \[3, 32\] in "
                      r"this model \(and \d+ more\): add --finetune_ignore label_enc.weight class_embed", errors[0])
 
 

@@ -304,4 +304,5 @@ def test_a_key_that_vanishes_between_listing_and_reading_is_left_out(server, tmp
     assert mirror.pull() == ["eval/gone.json", "log.txt"]
     assert (tmp_path / "staging" / "log.txt").read_bytes() == b"{}\n"
     assert not (tmp_path / "staging" / "eval" / "gone.json").exists()
-    assert [r.getMessage() for r in caplog.records] == ["s3://runs/vanish/eval/gone.json was listed but is gone: left out"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "s3://runs/vanish/eval/gone.json was listed but is gone: left out"]
