@@ -190,17 +190,17 @@ class Mirror:
         names = {path[len(self.root) + 1:]: info for path, info in found.items()}
         return {n: info for n, info in names.items() if not n.startswith("previous/") and n != LEASE}
 
-    def pull(self, keep_local=()) -> List[str]:
-        """Make the staging folder hold the remote run's files: the small ones and checkpoint.pth now, the
-        others (numbered, best) when asked for (fetch). Local run files the remote does not have are removed:
-        the remote is the truth. Returns the remote names."""
+    def pull(self, checkpoint: bool = True) -> List[str]:
+        """Make the staging folder hold the remote run's files: the logs, the run's folders and (checkpoint)
+        checkpoint.pth now, the others (numbered, best) when asked for (fetch). Local run files the remote does
+        not have are removed: the remote is the truth. Returns the remote names."""
         names = self.names()
         os.makedirs(os.path.join(self.local, "eval"), exist_ok=True)
         for name in _local_run_files(self.local):
-            if name not in names and name not in keep_local:
+            if name not in names:
                 os.remove(os.path.join(self.local, name))
         for name in names:
-            if name in SMALL_FILES or name == "checkpoint.pth" or "/" in name:  # logs and the run's folders
+            if name in SMALL_FILES or (checkpoint and name == "checkpoint.pth") or "/" in name:  # logs, folders
                 try:
                     self.fetch(name, refresh=True)
                 except FileNotFoundError:  # removed since the listing (a pruned file): the remote has it no more

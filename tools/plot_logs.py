@@ -108,7 +108,7 @@ def collect_series(run_dirs: list, ann, backend: str) -> dict:
     for run_dir, name in zip(run_dirs, names):
         if is_url(run_dir):  # an output_dir on an object store: its logs and evaluations, copied here
             local = tempfile.mkdtemp(prefix="plot_logs-")
-            Mirror(run_dir, local).pull()
+            Mirror(run_dir, local).pull(checkpoint=False)  # the logs and eval/ are all a plot needs
             run_dir = local
         log = os.path.join(run_dir, "log.txt")
         if not os.path.isfile(log):
