@@ -55,7 +55,7 @@ def report(tmp_path_factory):
 def test_every_row_has_numbers_and_the_json_has_them_all(report):
     proc, results = report
     rows = table_rows(proc.stdout)
-    assert len(rows) == len(results["rows"]) == 42
+    assert len(rows) == len(results["rows"]) == 44
     for key, row in results["rows"].items():
         cells = rows[row["what"]]
         assert number(cells[0]) == pytest.approx(row["median"], rel=1e-3, abs=1e-9), key
@@ -98,6 +98,7 @@ def test_reference_core_comparisons_are_paired_rounds(report):
                                   ("train_ours_worker", "train_against", "train_ratio_against"),
                                   ("eval_bf16", "eval", "eval_ratio_bf16"),
                                   ("train_bf16", "train", "train_ratio_bf16"),
+                                  ("train_nondeterministic", "train", "train_ratio_deterministic"),
                                   ("eval_bf16_worker", "eval_against", "eval_ratio_against_bf16"),
                                   ("train_bf16_worker", "train_against", "train_ratio_against_bf16")):
         per_round = [b / o for b, o in zip(rows[baseline]["samples"], rows[ours]["samples"])]

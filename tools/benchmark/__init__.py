@@ -7,8 +7,9 @@
 run from the repository root. Timings are medians of --runs repeats (min-max) after one warm-up. Absolute times
 move by 2x between days and machines, so every ratio compares two workloads timed in this run, in interleaved
 rounds (A, B, A, B, ...): the attention core against the reference formula, the model against itself with the
-reference core swapped in and under bfloat16 autocast (main.py --amp --options amp_dtype=bfloat16), and with
---against REV the code of git revision REV (checked out into a temporary worktree, removed at the end) against
+reference core swapped in, under bfloat16 autocast (main.py --amp --options amp_dtype=bfloat16) and, for the
+training step, as --no-deterministic runs it (the cost of determinism: on CUDA, the attention core's backward),
+and with --against REV the code of git revision REV (checked out into a temporary worktree, removed at the end) against
 ours, each side in a worker subprocess of this tool that builds the model with its own revision's code.
 A ratio is the median (min-max) of the per-round ratios baseline time / our time: above 1 means ours is faster.
 On CPU a training step is also timed op by op (KernelTimes): the time inside the matmul, convolution and attention

@@ -15,7 +15,9 @@ from tools.benchmark.workloads import KERNELS, KernelTimes, Workload, matmul_rat
 
 
 def benchmark(opts) -> dict:
+    from util import determinism
     torch.set_num_threads(opts.threads)
+    determinism.configure(True)  # as main.py runs by default; the training step is also timed without it
     device, runs, batch = opts.device, opts.runs, opts.batch
     table = Table()
     progress(f"building the model from {opts.config}")
@@ -77,7 +79,7 @@ def flop_rows(table, work, batch):
 
 def speed_rows(table, work, opts, flops, matmul) -> None:
     """Eval forward and training step: ours, with the reference attention core swapped in and under bfloat16
-    autocast, in interleaved rounds."""
+    autocast, in interleaved rounds; the training step also as --no-deterministic runs it."""
     device, runs, batch = opts.device, opts.runs, opts.batch
     for key, what, fn in (("eval", "eval forward", work.eval_forward),
                           ("train", "training step (DN, loss, backward, AdamW)", work.train_step)):
@@ -86,8 +88,11 @@ def speed_rows(table, work, opts, flops, matmul) -> None:
         def with_reference(fn=fn):
             with attention_core(lambda core: reference_core):
                 fn()
-        times = interleaved({"ours": timer(fn, device), "reference": timer(with_reference, device),
-                             "bf16": timer(lambda fn=fn: fn(torch.bfloat16), device)}, runs)
+        variants = {"ours": timer(fn, device), "reference": timer(with_reference, device),
+                    "bf16": timer(lambda fn=fn: fn(torch.bfloat16), device)}
+        if key == "train":
+            variants["nondeterministic"] = timer(without_determinism(fn), device)
+        times = interleaved(variants, runs)
         table.add(key, f"{what}, batch {batch}", summary(times["ours"]), "s", flops[key], matmul)
         if key == "eval":
             table.add("eval_images_per_s", "eval forward, images/s", summary([batch / t for t in times["ours"]]),
@@ -99,6 +104,25 @@ def speed_rows(table, work, opts, flops, matmul) -> None:
         table.add(f"{key}_bf16", f"{what}, bfloat16 autocast (main.py --amp)", summary(times["bf16"]), "s")
         table.add(f"{key}_ratio_bf16", f"{what}: float32 time / bfloat16 autocast", ratio(times["ours"], times["bf16"]),
                   "x")
+        if key == "train":
+            table.add("train_nondeterministic", f"{what}, --no-deterministic (torch's default kernels)",
+                      summary(times["nondeterministic"]), "s", flops[key], matmul)
+            table.add("train_ratio_deterministic", f"{what}: the cost of --deterministic (its time / "
+                      f"--no-deterministic)", ratio(times["ours"], times["nondeterministic"]), "x")
+
+
+def without_determinism(fn):
+    """fn as main.py --no-deterministic runs it: torch's default kernels; on CUDA, grid_sample's attention core,
+    whose backward accumulates with atomics."""
+    from util import determinism
+
+    def run():
+        determinism.configure(False)
+        try:
+            fn()
+        finally:
+            determinism.configure(True)
+    return run
 
 
 def kernel_rows(table, train_step, runs) -> dict:
