@@ -40,9 +40,9 @@ def test_sigterm_mid_epoch_on_cuda_resumes_bit_exactly(data, cuda_reference, tmp
     assert_same_training(cuda_reference, tmp_path)
 
 
-def _core_grads(core, inputs, grad):
-    leaves = [t.detach().clone().requires_grad_(True) for t in inputs[::2]]
-    core(leaves[0], inputs[1], leaves[1], leaves[2]).backward(grad)
+def _core_grads(core, value, shapes, locations, weights, grad):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (value, locations, weights)]
+    core(leaves[0], shapes, leaves[1], leaves[2]).backward(grad)
     return [t.grad for t in leaves]
 
 
@@ -56,16 +56,16 @@ def test_the_deterministic_attention_core_on_cuda_repeats_its_bits_and_matches_g
     locations = torch.rand(2, 900, 8, 4, 4, 2, device="cuda", generator=gen)
     weights = torch.rand(2, 900, 8, 4, 4, device="cuda", generator=gen).softmax(-1)
     grad = torch.randn(2, 900, 8 * 32, device="cuda", generator=gen)
-    inputs = (value, shapes, locations, weights)
+    inputs = (value, shapes, locations, weights, grad)
     try:
         determinism.configure(True)
         assert uses_sparse_core(value.device)
-        first = _core_grads(multi_scale_deformable_attn, inputs, grad)
-        again = _core_grads(multi_scale_deformable_attn, inputs, grad)
+        first = _core_grads(multi_scale_deformable_attn, *inputs)
+        again = _core_grads(multi_scale_deformable_attn, *inputs)
     finally:
         determinism.configure(False)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
-    for ours, sampled in zip(first, _core_grads(_grid_sample_core, inputs, grad)):
+    for ours, sampled in zip(first, _core_grads(_grid_sample_core, *inputs)):
         torch.testing.assert_close(ours, sampled, atol=1e-3, rtol=1e-3)
 
 
