@@ -7,8 +7,12 @@
 #    train_ratio_deterministic row; random backbone weights: nothing is downloaded);
 # 3. the chaos scoreboard on CUDA: 6 kills of a one-epoch demo run on 400 generated images.
 set -u
-out=${1:-gpu_checks}
-mkdir -p "$out"
+if ! python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    echo "error: tools/gpu_checks.sh needs a CUDA GPU, and torch sees none on this machine" >&2
+    exit 2
+fi
+mkdir -p "${1:-gpu_checks}"
+out=$(cd "${1:-gpu_checks}" && pwd)  # absolute: the checks run from the repository root
 cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt"
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" \
